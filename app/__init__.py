@@ -1,0 +1,3 @@
+"""The live Dash dashboard for cockpit logs."""
+
+__all__: list[str] = []

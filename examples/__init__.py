@@ -1,0 +1,1 @@
+"""Runnable examples; each is a script with --steps and --logdir."""

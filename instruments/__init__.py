@@ -1,0 +1,3 @@
+"""Instruments: diagnostics computed every tracked step from what the engine gathered."""
+
+__all__: list[str] = []
