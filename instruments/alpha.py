@@ -1,0 +1,205 @@
+"""Normalized step length α from a noise-aware quadratic fit (Cockpit's Alpha).
+
+For the step ``d = θ_{t+1} − θ_t`` of length ``τ = ‖d‖`` and direction ``u = d/τ``,
+the loss along the step is modelled as ``q(x) = w0 + w1 x + w2 x²`` for ``x ∈ [0, τ]``
+and fitted by weighted least squares to four noisy observations: the mean losses
+``f0 = L_t(θ_t)`` and ``f1 = L_{t+1}(θ_{t+1})`` and the mean directional derivatives
+``df0``, ``df1`` (means of the projections ``g_nᵀ u`` of the individual gradients of
+the start batch at ``θ_t`` and of the end batch at ``θ_{t+1}``). With the design
+``Φ`` (columns ``(1,0,0)``, ``(1,τ,τ²)``, ``(0,1,0)``, ``(0,1,2τ)``) and the weights
+``Λ = diag(var_f0, var_f1, var_df0, var_df1)``,
+``w = (Φ Λ⁻¹ Φᵀ)⁻¹ Φ Λ⁻¹ (f0, f1, df0, df1)ᵀ`` and
+
+``α = τ / x_min − 1`` with ``x_min = −w1 / (2 w2)``:
+
+−1 means no progress, 0 stepping to the minimum of the fit, +1 stepping to the same
+height on the other side, > 1 overshooting. ``α = −1`` when the fit is concave
+(``w2 < 0``).
+
+Agreement with Cockpit v1.0.2 (``cockpit/quantities/alpha.py``: ``_fit_quadratic``,
+``_get_alpha``, ``_save_0th_order_info``, ``_project_with_backpack_finalize``,
+``_exact_variance``):
+
+- Weights are the *unbiased sample variances of the individual values*
+  (``torch.var()`` of the individual losses, ``projections.var()`` or
+  ``np.var(..., ddof=1)`` of the projections), **not** divided by N, although the
+  observations are means. A common factor in Λ does not change ``w``, so this only
+  matters when the start and end batches differ in size, or through the zero floor
+  below; we follow Cockpit.
+- A variance that is exactly 0 is replaced by 1e-10 with a warning (one warning for
+  the function values, one for the derivatives), as in Cockpit.
+- ``τ = 0``: Cockpit's fit is singular and ``_get_alpha`` returns −1 for it; so do we.
+- Any other singular fit: Cockpit returns ``None``; we return NaN (with a warning).
+- ``α = τ/x_min − 1`` is Cockpit's ``2τ/ᾱ − 1`` with ``ᾱ = −w1/w2 = 2 x_min``. The
+  degenerate ``w2 = 0`` gives Cockpit's value as well: −1 (its ``2τ/±inf − 1``), or
+  NaN when also ``w1 = 0``. ``w2 > 0 = w1`` (the fit's minimum at the start point)
+  gives +inf, where Cockpit's signed-zero division gives ±inf.
+- Numerics: Cockpit solves for ``w`` with ``np.linalg.inv`` in the coordinate x,
+  whose normal matrix has entries from ``1`` to ``τ⁴`` and is ill-conditioned for
+  small steps (``τ ≈ 1e-4`` is common). We fit the equivalent problem in ``s = x/τ``
+  (observations ``f0, f1, τ·df0, τ·df1`` with variances ``var_f0, var_f1,
+  τ² var_df0, τ² var_df1``; weighted least squares is invariant under this
+  reparametrization) and use ``α = 1/s_min − 1``. The results agree with Cockpit's to
+  rounding where its matrix is well conditioned, and stay accurate where it is not.
+
+Sign conventions: ``df0``, ``df1`` are directional derivatives along ``u`` (the
+direction actually stepped), so a descent step has ``df0 < 0``. Both points use the
+same ``u``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ZERO_VARIANCE_FLOOR", "alpha", "alpha_from_samples"]
+
+ZERO_VARIANCE_FLOOR = 1e-10
+"""Value that replaces an exactly zero variance in the fit weights (as in Cockpit)."""
+
+# Observation rows of the design in s = x/τ: f(0), f(1), f'(0), f'(1) of
+# q(s) = v0 + v1 s + v2 s².
+_DESIGN_S = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+
+
+def _floor_zero_variances(var_a: float, var_b: float, what: str) -> tuple[float, float]:
+    if var_a == 0.0 or var_b == 0.0:
+        warnings.warn(
+            f"The variance of {what} is 0, using {ZERO_VARIANCE_FLOOR:g} instead.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return (
+        ZERO_VARIANCE_FLOOR if var_a == 0.0 else var_a,
+        ZERO_VARIANCE_FLOOR if var_b == 0.0 else var_b,
+    )
+
+
+def alpha(
+    tau: float,
+    f0: float,
+    f1: float,
+    var_f0: float,
+    var_f1: float,
+    df0: float,
+    df1: float,
+    var_df0: float,
+    var_df1: float,
+) -> float:
+    """Normalized step length α from means and variances at both points.
+
+    Args:
+        tau: Step length ``τ = ‖θ_{t+1} − θ_t‖ ≥ 0``.
+        f0: Mean loss of the start batch at ``θ_t``.
+        f1: Mean loss of the end batch at ``θ_{t+1}``.
+        var_f0: Unbiased sample variance of the start batch's individual losses.
+        var_f1: Same for the end batch.
+        df0: Mean of the projections ``g_nᵀ u`` of the start batch at ``θ_t``.
+        df1: Mean of the projections ``g_nᵀ u`` of the end batch at ``θ_{t+1}``.
+        var_df0: Unbiased sample variance of the start projections.
+        var_df1: Same for the end projections.
+
+    Returns:
+        α as a float: −1 for ``τ = 0`` or a concave fit; NaN if an input is NaN or
+        the fit is singular (e.g. infinite variances leave it undetermined).
+
+    Raises:
+        ValueError: If ``tau`` or a variance is negative.
+
+    """
+    tau = float(tau)
+    values = [float(v) for v in (f0, f1, df0, df1)]
+    var_f = (float(var_f0), float(var_f1))
+    var_df = (float(var_df0), float(var_df1))
+    if tau < 0.0 or any(v < 0.0 for v in var_f + var_df):
+        raise ValueError("tau and the variances must be non-negative")
+    if any(math.isnan(v) for v in (tau, *values, *var_f, *var_df)):
+        return math.nan
+    var_f = _floor_zero_variances(*var_f, "f")
+    var_df = _floor_zero_variances(*var_df, "df")
+    if tau == 0.0:
+        warnings.warn(
+            "The two observations were at the same point; alpha = -1.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return -1.0
+
+    f0, f1, df0, df1 = values
+    y = np.array([f0, f1, tau * df0, tau * df1])
+    weights = 1.0 / np.array([var_f[0], var_f[1], tau**2 * var_df[0], tau**2 * var_df[1]])
+    normal = _DESIGN_S.T @ (weights[:, None] * _DESIGN_S)
+    rhs = _DESIGN_S.T @ (weights * y)
+    with np.errstate(all="ignore"):
+        try:
+            v0, v1, v2 = np.linalg.solve(normal, rhs)
+        except np.linalg.LinAlgError:
+            v0 = v1 = v2 = math.nan
+    if not (math.isfinite(v0) and math.isfinite(v1) and math.isfinite(v2)):
+        warnings.warn(
+            "Could not compute the quadratic fit (singular system); alpha = NaN.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return math.nan
+    if v2 < 0.0:
+        return -1.0
+    if v2 == 0.0:
+        return -1.0 if v1 != 0.0 else math.nan
+    if v1 == 0.0:
+        return math.inf
+    # s_min = −v1 / (2 v2);  α = τ / x_min − 1 = 1 / s_min − 1
+    return float(-2.0 * v2 / v1 - 1.0)
+
+
+def _mean_and_unbiased_var(x: Tensor, name: str) -> tuple[float, float]:
+    x = x.detach().reshape(-1).to(torch.float64)
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    mean = float(x.mean())
+    if x.numel() < 2:
+        return mean, math.nan
+    return mean, float(x.var(correction=1))
+
+
+def alpha_from_samples(
+    tau: float,
+    losses0: Tensor,
+    losses1: Tensor,
+    proj0: Tensor,
+    proj1: Tensor,
+) -> float:
+    """Normalized step length α from individual losses and projections.
+
+    Means and unbiased variances are taken in float64, as Cockpit takes them with
+    ``.mean()`` / ``.var()`` (in the tensors' own dtype).
+
+    Args:
+        tau: Step length ``τ = ‖θ_{t+1} − θ_t‖``.
+        losses0: Individual losses ``l_n(θ_t)`` of the start batch, shape ``[N0]``.
+        losses1: Individual losses ``l_n(θ_{t+1})`` of the end batch, ``[N1]``.
+        proj0: Projections ``g_nᵀ u`` of the unscaled individual gradients of the
+            start batch at ``θ_t`` onto ``u = (θ_{t+1} − θ_t)/τ``, shape ``[N0]``.
+        proj1: Same for the end batch at ``θ_{t+1}``, shape ``[N1]``.
+
+    Returns:
+        α (see :func:`alpha`); NaN when a batch has a single sample (no variance).
+
+    Raises:
+        ValueError: If the losses and projections of one point differ in length.
+
+    """
+    for point, (losses, proj) in enumerate(((losses0, proj0), (losses1, proj1))):
+        if losses.numel() != proj.numel():
+            raise ValueError(
+                f"point {point}: {losses.numel()} losses but {proj.numel()} projections"
+            )
+    f0, var_f0 = _mean_and_unbiased_var(losses0, "losses0")
+    f1, var_f1 = _mean_and_unbiased_var(losses1, "losses1")
+    df0, var_df0 = _mean_and_unbiased_var(proj0, "proj0")
+    df1, var_df1 = _mean_and_unbiased_var(proj1, "proj1")
+    return alpha(tau, f0, f1, var_f0, var_f1, df0, df1, var_df0, var_df1)

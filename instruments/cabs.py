@@ -1,0 +1,114 @@
+"""CABS: batch size suggested by coupling it to the learning rate (Balles et al. 2017).
+
+Eq. 22 of the paper, as in Cockpit: ``B_CABS = lr · tr(Σ̂) / L`` with the biased
+gradient variance ``tr(Σ̂) = (1/N) Σ_n ‖g_n − g‖² = (Σ_n ‖g_n‖² − N ‖g‖²) / N`` of the
+*unscaled* individual gradients and the mean loss ``L = (1/N) Σ_n l_n`` (the rule
+uses L as an estimate of the gap to the optimal loss 0, so it needs ``L > 0``).
+
+Agreement with Cockpit v1.0.2 (``cockpit/quantities/cabs.py``, ``_compute``:
+``lr · (B² sum_grad_squared − B grad²).sum() / (B · batch_loss)``): same formula.
+Differences:
+
+- Cockpit raises unless the optimizer is zero-momentum SGD and takes ``lr`` from its
+  param groups. Here ``lr`` is an argument; for other optimizers use
+  :func:`effective_lr` on the actual update (for plain SGD it returns the SGD learning
+  rate, so the two agree).
+- ``L ≤ 0``: Cockpit returns ±inf or a negative batch size; here NaN with a warning.
+- Cockpit passes ``batch_loss`` as is, so under ``reduction="sum"`` it uses the summed
+  loss; here ``loss`` is always the mean loss and ``g`` the mean gradient, which
+  keeps the suggestion independent of the reduction (together with
+  :func:`effective_lr`, which turns a sum-reduction SGD step ``−lr Σ_n g_n`` into
+  ``lr_eff = N · lr`` with respect to the mean gradient).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from instruments._numerics import as_scalar, check_batch_size, flat64, nonneg_difference
+
+__all__ = ["cabs", "effective_lr"]
+
+
+def cabs(
+    lr: float,
+    sum_l2: float | Tensor,
+    grad_norm_sq: float | Tensor,
+    n: int,
+    loss: float | Tensor,
+) -> float:
+    """Batch size suggested by the CABS rule.
+
+    Args:
+        lr: (Effective) learning rate of the SGD step ``θ ← θ − lr · g``.
+        sum_l2: ``Σ_n ‖g_n‖²`` over the unscaled individual gradients (scalar).
+        grad_norm_sq: ``‖g‖²`` of the mean gradient ``g = (1/N) Σ_n g_n`` (scalar).
+        n: Batch size N.
+        loss: Mean mini-batch loss ``(1/N) Σ_n l_n`` (scalar).
+
+    Returns:
+        ``lr · (Σ_n ‖g_n‖² − N ‖g‖²) / (N · loss)`` as a float; NaN if ``loss ≤ 0``.
+        Not rounded to an integer.
+
+    """
+    n = check_batch_size(n)
+    sum_l2 = as_scalar(sum_l2, "sum_l2")
+    grad_norm_sq = as_scalar(grad_norm_sq, "grad_norm_sq")
+    loss = as_scalar(loss, "loss")
+    if not loss > 0.0:
+        warnings.warn(
+            f"CABS needs a positive mean loss, got {loss!r}; returning NaN.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return math.nan
+    ssd = nonneg_difference(sum_l2, n * grad_norm_sq, "CABS gradient variance")
+    return float(lr) * ssd / (n * loss)
+
+
+def effective_lr(update: Tensor | Sequence[Tensor], grad: Tensor | Sequence[Tensor]) -> float:
+    """Learning rate of the plain SGD step that best explains an actual update.
+
+    ``lr_eff = −⟨d, g⟩ / ‖g‖²`` with the update ``d = θ_{t+1} − θ_t`` and the mean
+    mini-batch gradient ``g`` at ``θ_t`` (the one the optimizer used). It is the
+    least-squares fit ``argmin_a ‖d + a g‖²``: the length of the update's component
+    along ``−g`` per unit gradient. For SGD without momentum or weight decay,
+    ``d = −lr · g`` and ``lr_eff = lr`` exactly. For momentum, Adam and friends it
+    counts only the part of the step that moves along the current gradient, which is
+    the part CABS reasons about. (The alternative ``‖d‖ / ‖g‖`` also gives ``lr`` for
+    SGD, but counts steps orthogonal to ``g`` as if they were gradient steps.)
+    Weight decay applied by the optimizer is part of ``d`` and enters through its
+    component along ``g``.
+
+    Args:
+        update: ``θ_{t+1} − θ_t``, one tensor or one per parameter tensor.
+        grad: The mean gradient ``g`` at ``θ_t``, laid out like ``update``.
+
+    Returns:
+        ``lr_eff``; NaN if ``g = 0``. Warns when ``lr_eff ≤ 0`` (the update does not
+        descend along the batch gradient, e.g. with strong momentum), since CABS then
+        has no meaning.
+
+    Raises:
+        ValueError: If the two inputs hold different numbers of entries.
+
+    """
+    d = flat64(update)
+    g = flat64(grad)
+    if d.numel() != g.numel():
+        raise ValueError(f"update has {d.numel()} entries but grad has {g.numel()}")
+    g_norm_sq = float(g.dot(g))
+    if g_norm_sq == 0.0:
+        return math.nan
+    lr_eff = -float(d.dot(g)) / g_norm_sq
+    if lr_eff <= 0.0:
+        warnings.warn(
+            f"the update does not descend along the batch gradient (lr_eff = {lr_eff:.3e})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return lr_eff

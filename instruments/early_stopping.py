@@ -1,0 +1,62 @@
+"""Evidence-based early-stopping criterion (Mahsereci et al. 2017; Cockpit definition).
+
+With the unbiased per-coordinate variance ``s_j² = (Σ_n g_nj² − N g_j²) / (N − 1)``
+of the *unscaled* individual gradients and the mean gradient ``g``:
+
+``EB = 1 − N · (1/D) Σ_j g_j² / (s_j² + ε)``   (left-hand side of Eq. 7).
+
+``EB > 0`` is the stop signal: the gradient is no longer distinguishable from noise.
+
+Agreement with Cockpit v1.0.2 (``cockpit/quantities/early_stopping.py``,
+``_compute``): same formula, ε added to the variance, unbiased variance, mean over the
+concatenated coordinates, variance not clamped. Cockpit's quantity raises unless the
+optimizer is zero-momentum SGD; that check belongs to the instrument wrapping this
+function, not to the formula. For ``N = 1`` Cockpit divides by ``N − 1 = 0`` (NaN or
+inf entries); here the result is NaN.
+
+Reduction: under ``reduction="sum"`` pass ``g = ∇L / N``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from instruments._numerics import check_batch_size, flat64
+
+__all__ = ["early_stopping"]
+
+
+def early_stopping(
+    second_moment: Tensor | Sequence[Tensor],
+    grad: Tensor | Sequence[Tensor],
+    n: int,
+    eps: float = 1e-5,
+) -> float:
+    """EB criterion; training should stop when it exceeds 0.
+
+    Args:
+        second_moment: ``Σ_n g_n²`` per coordinate, one tensor or one per parameter.
+        grad: The mean gradient ``g``, laid out like ``second_moment``.
+        n: Batch size N.
+        eps: Stabilizer added to the variance (Cockpit's default 1e-5).
+
+    Returns:
+        ``1 − N mean_j g_j² / (s_j² + ε)``; NaN for ``N = 1``.
+
+    Raises:
+        ValueError: If the two inputs hold different numbers of entries.
+
+    """
+    n = check_batch_size(n)
+    sgs = flat64(second_moment)
+    g = flat64(grad)
+    if sgs.numel() != g.numel():
+        raise ValueError(f"second_moment has {sgs.numel()} entries but grad has {g.numel()}")
+    if n < 2:
+        return math.nan
+    g_sq = g.square()
+    var = (sgs - n * g_sq) / (n - 1)
+    return 1.0 - n * float((g_sq / (var + eps)).mean())

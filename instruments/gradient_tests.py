@@ -1,0 +1,170 @@
+"""Gradient tests: norm, inner-product and orthogonality test (Cockpit definitions).
+
+The tests measure how noisy the mini-batch gradient is relative to its size. Each
+reports the smallest threshold (θ for the norm and inner-product test, ν for the
+orthogonality test) at which the test would pass for the current batch; large values
+mean noisy gradients, and a larger batch helps.
+
+Notation (MATH.md): N samples with *unscaled* individual gradients ``g_n = ∇l_n`` and
+their mean ``g = (1/N) Σ_n g_n``. Under ``reduction="mean"`` the batch gradient ``∇L``
+is ``g``; under ``reduction="sum"`` it is ``N g``, so pass ``‖∇L‖² / N²`` as
+``grad_norm_sq``. (Cockpit always multiplies BackPACK's ``1/N``-scaled individual
+gradients by N, i.e. it assumes mean reduction.)
+
+All three values scale as ``1/√N`` for a fixed gradient distribution, which gives
+:func:`suggested_batch_size`.
+
+Agreement with Cockpit v1.0.2 (``cockpit/quantities/{norm,inner,ortho}_test.py``):
+same formulas, evaluated here in float64. Deliberate differences, all at inputs where
+Cockpit's value is not a number of the test:
+
+- ``N = 1``: Cockpit raises ``ZeroDivisionError`` (``1 / (batch_size - 1)`` in
+  ``_compute_variance_l1`` and friends); here the result is NaN.
+- ``‖g‖ = 0``: Cockpit divides by zero (inf, or NaN for 0/0); here NaN.
+- A variance estimate that is negative only through rounding (e.g. all ``g_n``
+  equal): Cockpit takes the square root of the negative residue (NaN); here it is
+  clamped to 0 (see :data:`instruments._numerics.RADICAND_RTOL`), and clearly
+  inconsistent inputs give NaN with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from instruments._numerics import as_scalar, check_batch_size, nonneg_difference
+
+__all__ = [
+    "INNER_TEST_THRESHOLD",
+    "NORM_TEST_THRESHOLD",
+    "ORTHO_TEST_THRESHOLD",
+    "inner_test",
+    "norm_test",
+    "ortho_test",
+    "suggested_batch_size",
+]
+
+NORM_TEST_THRESHOLD = 0.9
+"""Reference θ for the norm test (Byrd et al. 2012; Cockpit paper)."""
+
+INNER_TEST_THRESHOLD = 0.9
+"""Reference θ for the inner-product test (Bollapragada et al. 2018; Cockpit paper)."""
+
+ORTHO_TEST_THRESHOLD = math.tan(math.radians(80.0))
+"""Reference ν = tan 80° ≈ 5.67 for the orthogonality test (Bollapragada et al. 2018).
+
+Note: MATH.md writes "tan 80° ≈ 5.84"; tan 80° is 5.671. The Cockpit v1.0.2 code has
+no thresholds at all (its gauges draw the raw values), so this module keeps the
+definition, tan 80°.
+"""
+
+
+def norm_test(sum_l2: float | Tensor, grad_norm_sq: float | Tensor, n: int) -> float:
+    """Norm test (Byrd et al. 2012, Eq. 3.9): the smallest θ at which it passes.
+
+    ``θ = √( (Σ_n ‖g_n‖² − N‖g‖²) / (N (N−1) ‖g‖²) )``, i.e. the standard error of
+    the mean gradient, ``√(tr Σ̂ / N)`` with the unbiased sample covariance ``Σ̂`` of
+    the ``g_n``, relative to ``‖g‖``.
+
+    Args:
+        sum_l2: ``Σ_n ‖g_n‖²`` over the unscaled individual gradients (scalar).
+        grad_norm_sq: ``‖g‖²`` of the mean gradient ``g = (1/N) Σ_n g_n`` (scalar).
+        n: Batch size N.
+
+    Returns:
+        θ as a float; NaN for ``N = 1`` or ``‖g‖ = 0``.
+
+    """
+    n = check_batch_size(n)
+    sum_l2 = as_scalar(sum_l2, "sum_l2")
+    grad_norm_sq = as_scalar(grad_norm_sq, "grad_norm_sq")
+    if n < 2 or grad_norm_sq == 0.0:
+        return math.nan
+    # (N−1) × unbiased variance trace: Σ_n ‖g_n − g‖² = Σ_n ‖g_n‖² − N ‖g‖²
+    ssd = nonneg_difference(sum_l2, n * grad_norm_sq, "norm test variance")
+    return math.sqrt(ssd / (n * (n - 1) * grad_norm_sq))
+
+
+def inner_test(sum_dot_sq: float | Tensor, grad_norm_sq: float | Tensor, n: int) -> float:
+    """Inner-product test (Bollapragada et al. 2018, Eq. 2.6): smallest passing θ.
+
+    ``θ = √( (Σ_n (g_nᵀg)² − N‖g‖⁴) / (N (N−1) ‖g‖⁴) )``: the standard error of the
+    mean of the projections ``g_nᵀ g`` (whose mean is ``‖g‖²``), relative to ``‖g‖²``.
+
+    Args:
+        sum_dot_sq: ``Σ_n (g_nᵀ g)²`` (scalar). The projections must be summed over
+            all layers before squaring, so this cannot be assembled from per-layer
+            parts.
+        grad_norm_sq: ``‖g‖²`` of the mean gradient (scalar).
+        n: Batch size N.
+
+    Returns:
+        θ as a float; NaN for ``N = 1`` or ``‖g‖ = 0``.
+
+    """
+    n = check_batch_size(n)
+    sum_dot_sq = as_scalar(sum_dot_sq, "sum_dot_sq")
+    grad_norm_sq = as_scalar(grad_norm_sq, "grad_norm_sq")
+    if n < 2 or grad_norm_sq == 0.0:
+        return math.nan
+    grad_norm_4 = grad_norm_sq**2
+    ssd = nonneg_difference(sum_dot_sq, n * grad_norm_4, "inner test variance")
+    return math.sqrt(ssd / (n * (n - 1) * grad_norm_4))
+
+
+def ortho_test(
+    sum_l2: float | Tensor,
+    sum_dot_sq: float | Tensor,
+    grad_norm_sq: float | Tensor,
+    n: int,
+) -> float:
+    """Orthogonality test (Bollapragada et al. 2018, Eq. 3.3): smallest passing ν.
+
+    ``ν = √( Σ_n (‖g_n‖² − (g_nᵀg)²/‖g‖²) / (N (N−1) ‖g‖²) )``: the standard error
+    of the components of the ``g_n`` orthogonal to ``g`` (their mean is zero),
+    relative to ``‖g‖``.
+
+    Args:
+        sum_l2: ``Σ_n ‖g_n‖²`` (scalar).
+        sum_dot_sq: ``Σ_n (g_nᵀ g)²`` (scalar).
+        grad_norm_sq: ``‖g‖²`` of the mean gradient (scalar).
+        n: Batch size N.
+
+    Returns:
+        ν as a float; NaN for ``N = 1`` or ``‖g‖ = 0``.
+
+    """
+    n = check_batch_size(n)
+    sum_l2 = as_scalar(sum_l2, "sum_l2")
+    sum_dot_sq = as_scalar(sum_dot_sq, "sum_dot_sq")
+    grad_norm_sq = as_scalar(grad_norm_sq, "grad_norm_sq")
+    if n < 2 or grad_norm_sq == 0.0:
+        return math.nan
+    # Σ_n ‖g_n − (g_nᵀg/‖g‖²) g‖² = Σ_n ‖g_n‖² − Σ_n (g_nᵀg)²/‖g‖²  (Cauchy–Schwarz ≥ 0)
+    ssd = nonneg_difference(sum_l2, sum_dot_sq / grad_norm_sq, "ortho test variance")
+    return math.sqrt(ssd / (n * (n - 1) * grad_norm_sq))
+
+
+def suggested_batch_size(test_value: float, n: int, target: float) -> float:
+    """Batch size at which a gradient test would reach ``target``.
+
+    The tests scale as ``1/√N``, so ``N* = N (test_value / target)²``. Not reported
+    by Cockpit. Not rounded: round up if an integer is needed.
+
+    Args:
+        test_value: The current value θ or ν (from a batch of size ``n``).
+        n: The batch size it was measured with.
+        target: The desired θ* or ν*, e.g. :data:`NORM_TEST_THRESHOLD`.
+
+    Returns:
+        ``N*`` as a float (NaN if ``test_value`` is NaN).
+
+    Raises:
+        ValueError: If ``target`` is not positive.
+
+    """
+    n = check_batch_size(n)
+    if not target > 0.0:
+        raise ValueError(f"target must be positive, got {target!r}")
+    return n * (float(test_value) / target) ** 2

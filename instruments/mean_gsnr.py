@@ -1,0 +1,62 @@
+"""Mean gradient signal-to-noise ratio (Liu et al. 2020; Cockpit definition).
+
+``GSNR_j = g_j² / (m2_j − g_j² + ε)`` with the mean gradient ``g = (1/N) Σ_n g_n``
+and the per-coordinate second moment ``m2_j = (1/N) Σ_n g_nj²`` of the *unscaled*
+individual gradients, so the noise term is the biased (divide-by-N) variance. The
+instrument reports the mean over all D coordinates of all tracked tensors.
+
+Agreement with Cockpit v1.0.2 (``cockpit/quantities/mean_gsnr.py``, ``_compute_gsnr``:
+``grad² / (batch_size · sum_grad_squared − grad² + ε)`` with BackPACK's ``1/N``-scaled
+``sum_grad_squared = (1/N²) Σ_n g_n²``, then ``.mean()`` over the concatenated
+vector): same formula and ε placement; the biased variance is not clamped (neither is
+Cockpit's). Deliberate difference: for ``N = 1`` the variance is identically 0 and
+Cockpit reports ``g²/ε``, a number about ε only; here it is NaN.
+
+Reduction: under ``reduction="sum"`` pass ``g = ∇L / N``; ``second_moment`` is
+``Σ_n (∇l_n)²`` either way. GSNR is not scale-free (ε is absolute), so ``g_n`` must
+be the gradients of the individual losses ``l_n`` as MATH.md defines them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from instruments._numerics import check_batch_size, flat64
+
+__all__ = ["mean_gsnr"]
+
+
+def mean_gsnr(
+    second_moment: Tensor | Sequence[Tensor],
+    grad: Tensor | Sequence[Tensor],
+    n: int,
+    eps: float = 1e-5,
+) -> float:
+    """Mean GSNR over all parameter coordinates.
+
+    Args:
+        second_moment: ``Σ_n g_n²`` per coordinate (a sum, not yet divided by N),
+            one tensor or a list with one tensor per parameter tensor.
+        grad: The mean gradient ``g``, laid out like ``second_moment``.
+        n: Batch size N.
+        eps: Stabilizer added to the variance (Cockpit's default 1e-5).
+
+    Returns:
+        ``mean_j g_j² / ((1/N) Σ_n g_nj² − g_j² + ε)``; NaN for ``N = 1``.
+
+    Raises:
+        ValueError: If the two inputs hold different numbers of entries.
+
+    """
+    n = check_batch_size(n)
+    m2 = flat64(second_moment) / n
+    g = flat64(grad)
+    if m2.numel() != g.numel():
+        raise ValueError(f"second_moment has {m2.numel()} entries but grad has {g.numel()}")
+    if n < 2:
+        return math.nan
+    g_sq = g.square()
+    return float((g_sq / (m2 - g_sq + eps)).mean())
