@@ -506,8 +506,9 @@ def hessian_sqrt(
       scaled one-hot column per element.
     * generic losses (assumed separable over the batch): dense per-sample block via
       ``torch.func`` Hessian-vector products, factored ``U √λ`` by ``torch.linalg.eigh``;
-      ``K`` = elements per sample. Negative eigenvalues are dropped with a warning (see
-      :func:`_psd_factor`).
+      ``K`` = elements per sample. Round-off negative eigenvalues (``|λ| ≤ √eps·max|λ|``)
+      are clamped to 0 with a warning; clearly negative ones (loss not convex in the
+      outputs, GGN not positive semi-definite) are dropped with a warning naming the module.
 
     Monte-Carlo columns (``K = mc_samples = M``, all positions at once, sampled with
     ``generator``), each unbiased for the exact block:
@@ -515,8 +516,9 @@ def hessian_sqrt(
     * cross-entropy: ``√β (p − onehot(ŷ)) / √M`` with ``ŷ ~ Categorical(p)`` per position;
     * MSE: Gaussian ``√(2·norm) ε / √M``, ``ε ~ N(0, I)``;
     * BCE: ``√(w (1 + (pos_weight − 1) y) · norm) (σ − ŷ) / √M`` with ``ŷ ~ Bernoulli(σ)``
-      per element (``E[(σ − ŷ)²] = σ(1 − σ)``; without ``pos_weight``/``weight`` this is the
-      gradient of the loss at the sampled label);
+      per element (``E[(σ − ŷ)²] = σ(1 − σ)``; up to the constant ``√(w·norm)``, ``σ − ŷ``
+      is the gradient of the loss at the sampled label; with ``pos_weight`` the exact
+      coefficient depends on the real target ``y``, which the factor carries);
     * generic: ``S_n ε / √M`` with Rademacher ``ε`` (needs the exact factor first).
 
     Exact columns cost ``K × output.numel()`` memory; use Monte-Carlo for large outputs.
