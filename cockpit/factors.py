@@ -1,0 +1,400 @@
+"""Per-sample gradient factors and the generic reducers over them.
+
+A layer rule (see :mod:`cockpit.layers`) turns one use of a layer in the backward
+pass into one :class:`Factor` per parameter. A factor represents the N individual
+gradients of that parameter *without* necessarily building them:
+
+- :class:`AffineFactor` — ``G_n = Σ_s b[n,s]ᵀ a[n,s]`` (Linear, Conv, ConvTranspose,
+  and Embedding's one-hot form): first-order quantities come from einsums over
+  ``(a, b)`` and the per-sample gradient is built only when that is cheaper or
+  unavoidable (second moment / histograms with S > 1).
+- :class:`EmbeddingFactor` — index form ``G_n = Σ_s e_{idx[n,s]} g[n,s]ᵀ``; rows that
+  a sample never touched stay implicit zeros.
+- :class:`DenseFactor` — materialized ``[N, *P]`` individual gradients (biases,
+  normalization layers, the ``torch.func`` fallback).
+
+All factors are already scaled to describe the *unscaled* individual gradients.
+A parameter reached several times in one forward pass gets one factor per use;
+:func:`combine` merges them into a factor of the *summed* per-sample gradients
+(concatenating along S when the forms agree, so no cross term is lost).
+
+Shape letters: N batch, G groups, S shared positions, I input features,
+O output features, P parameter shape, D = prod(P), B bins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from cockpit.quantities import (
+    BatchDot,
+    BatchL2,
+    GradDot,
+    Hist1D,
+    Hist2D,
+    IndividualGradients,
+    Projection,
+    Quantity,
+    SecondMoment,
+)
+
+__all__ = ["Factor", "DenseFactor", "AffineFactor", "EmbeddingFactor", "combine", "bin_index"]
+
+#: Quantities that need the per-sample gradient of every sample at once.
+_NEEDS_ALL_ROWS = (BatchDot, GradDot)
+#: Elements per chunk when individual gradients are built for additive quantities.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def bin_index(x: Tensor, low: float, high: float, bins: int) -> Tensor:
+    """Bin indices of ``x`` for ``bins`` equal bins on ``[low, high)``, clamped.
+
+    Values below ``low`` go to bin 0, values at or above ``high`` to bin B - 1.
+
+    Example:
+        >>> import torch
+        >>> bin_index(torch.tensor([-5.0, -1.0, 0.0, 0.99, 1.0, 7.0]), -1.0, 1.0, 4)
+        tensor([0, 0, 2, 3, 3, 3])
+    """
+    scaled = (x - low) * (bins / (high - low))
+    return scaled.floor_().clamp_(0, bins - 1).long()
+
+
+def _hist1d(values: Tensor, q: Hist1D) -> Tensor:
+    idx = bin_index(values.reshape(-1), q.range[0], q.range[1], q.bins)
+    return torch.bincount(idx, minlength=q.bins).to(torch.float64)
+
+
+def _hist2d(grads: Tensor, param: Tensor, q: Hist2D) -> Tensor:
+    """2D histogram of the pairs ``(grads[k, j], param[..., j])`` (``param`` broadcasts)."""
+    (g_lo, g_hi), (p_lo, p_hi) = q.range
+    bg, bp = q.bins
+    gi = bin_index(grads, g_lo, g_hi, bg)
+    pi = bin_index(param.to(grads.dtype), p_lo, p_hi, bp)
+    flat = (gi * bp + pi).reshape(-1)
+    return torch.bincount(flat, minlength=bg * bp).to(torch.float64).view(bg, bp)
+
+
+class Factor:
+    """Individual gradients of one parameter tensor, in some factored form.
+
+    Attributes:
+        n: Batch size N.
+        shape: Parameter shape P.
+    """
+
+    n: int
+    shape: torch.Size
+
+    def to_dense(self) -> Tensor:
+        """Build the individual gradients ``[N, *P]``."""
+        raise NotImplementedError
+
+    def reduce(
+        self, requests: Iterable[Quantity], param: Tensor, directions: dict[str, Tensor | None]
+    ) -> dict[Quantity, Tensor]:
+        """Compute the requested quantities.
+
+        Args:
+            requests: Quantity keys to compute.
+            param: The parameter's current value (for 2D histograms).
+            directions: ``{projection key: tensor shaped like P or None}``.
+
+        Returns:
+            ``{quantity: tensor}`` for every request.
+        """
+        return DenseFactor(self.to_dense()).reduce(requests, param, directions)
+
+
+class DenseFactor(Factor):
+    """Materialized individual gradients ``[N, *P]``."""
+
+    def __init__(self, grads: Tensor) -> None:
+        self.grads = grads
+        self.n = grads.shape[0]
+        self.shape = grads.shape[1:]
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        return self.grads
+
+    def reduce(  # noqa: D102
+        self, requests: Iterable[Quantity], param: Tensor, directions: dict[str, Tensor | None]
+    ) -> dict[Quantity, Tensor]:
+        flat = self.grads.reshape(self.n, -1)
+        out: dict[Quantity, Tensor] = {}
+        gram = None
+        for q in requests:
+            if isinstance(q, BatchL2):
+                out[q] = (flat * flat).sum(1)
+            elif isinstance(q, BatchDot):
+                gram = flat @ flat.T if gram is None else gram
+                out[q] = gram
+            elif isinstance(q, GradDot):
+                out[q] = flat @ flat.mean(0)
+            elif isinstance(q, SecondMoment):
+                out[q] = (flat * flat).sum(0).view(self.shape)
+            elif isinstance(q, Projection):
+                u = directions.get(q.key)
+                out[q] = (
+                    flat.new_zeros(self.n) if u is None else flat @ u.reshape(-1).to(flat.dtype)
+                )
+            elif isinstance(q, IndividualGradients):
+                out[q] = self.grads
+            elif isinstance(q, Hist1D):
+                out[q] = _hist1d(flat, q)
+            elif isinstance(q, Hist2D):
+                out[q] = _hist2d(flat, param.reshape(1, -1), q)
+            else:
+                raise TypeError(f"DenseFactor cannot compute {q!r}")
+        return out
+
+
+class AffineFactor(Factor):
+    """Individual gradients ``G_n[g] = Σ_s b[n,g,s]ᵀ a[n,g,s]`` of an affine weight.
+
+    Args:
+        a: Layer inputs ``[N, G, S, I]`` (unfolded for convolutions).
+        b: Output gradients ``[N, G, S, O]``, already scaled.
+        shape: Parameter shape P with ``prod(P) = G·O·I`` (rows group-major).
+    """
+
+    def __init__(self, a: Tensor, b: Tensor, shape: Sequence[int]) -> None:
+        if a.dim() != 4 or b.dim() != 4 or a.shape[:3] != b.shape[:3]:
+            raise ValueError(
+                f"AffineFactor needs a [N,G,S,I], b [N,G,S,O]; got {a.shape}, {b.shape}"
+            )
+        self.a, self.b = a, b
+        self.n, self.groups, self.s = a.shape[0], a.shape[1], a.shape[2]
+        self.shape = torch.Size(shape)
+
+    @property
+    def _dims(self) -> tuple[int, int]:
+        return self.b.shape[3], self.a.shape[3]
+
+    def to_dense(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Build ``G_n`` for samples ``start:stop`` as ``[K, *P]``."""
+        a, b = self.a[start:stop], self.b[start:stop]
+        if self.s == 1:
+            g = b[:, :, 0, :, None] * a[:, :, 0, None, :]
+        else:
+            g = torch.einsum("ngso,ngsi->ngoi", b, a)
+        return g.reshape(g.shape[0], *self.shape)
+
+    def _materialize_cost(self) -> int:
+        o, i = self._dims
+        return self.s * o * i
+
+    def _gram_cost(self) -> int:
+        o, i = self._dims
+        return self.s * self.s * (o + i)
+
+    def reduce(  # noqa: D102
+        self, requests: Iterable[Quantity], param: Tensor, directions: dict[str, Tensor | None]
+    ) -> dict[Quantity, Tensor]:
+        requests = list(requests)
+        out: dict[Quantity, Tensor] = {}
+        if self.s == 1:
+            cheap = (BatchL2, BatchDot, GradDot, SecondMoment, Projection)
+        elif self._gram_cost() < self._materialize_cost():
+            cheap = (BatchL2, Projection)
+        else:
+            cheap = (Projection,)
+        rest = [q for q in requests if not isinstance(q, cheap)]
+        for q in requests:
+            if isinstance(q, cheap):
+                out[q] = self._cheap(q, directions, out)
+        if rest:
+            out.update(self._materialized(rest, param, directions))
+        return out
+
+    def _cheap(
+        self, q: Quantity, directions: dict[str, Tensor | None], done: dict[Quantity, Tensor]
+    ) -> Tensor:
+        a, b = self.a, self.b
+        o, i = self._dims
+        if isinstance(q, Projection):
+            u = directions.get(q.key)
+            if u is None:
+                return a.new_zeros(self.n)
+            u = u.reshape(self.groups, o, i).to(a.dtype)
+            ua = torch.einsum("ngsi,goi->ngso", a, u)
+            return (ua * b).sum((1, 2, 3))
+        if self.s == 1:
+            a1, b1 = a[:, :, 0], b[:, :, 0]
+            if isinstance(q, BatchL2):
+                return ((b1 * b1).sum(-1) * (a1 * a1).sum(-1)).sum(1)
+            if isinstance(q, (BatchDot, GradDot)):
+                gram = done.get(BatchDot())
+                if gram is None:
+                    gram = (
+                        torch.einsum("ngo,mgo->gnm", b1, b1) * torch.einsum("ngi,mgi->gnm", a1, a1)
+                    ).sum(0)
+                return gram if isinstance(q, BatchDot) else gram.mean(1)
+            if isinstance(q, SecondMoment):
+                return torch.einsum("ngo,ngi->goi", b1 * b1, a1 * a1).reshape(self.shape)
+        if isinstance(q, BatchL2):
+            bb = torch.einsum("ngso,ngto->ngst", b, b)
+            aa = torch.einsum("ngsi,ngti->ngst", a, a)
+            return (bb * aa).sum((1, 2, 3))
+        raise TypeError(f"AffineFactor has no cheap form for {q!r}")  # pragma: no cover
+
+    def _materialized(
+        self, requests: list[Quantity], param: Tensor, directions: dict[str, Tensor | None]
+    ) -> dict[Quantity, Tensor]:
+        if any(isinstance(q, _NEEDS_ALL_ROWS) for q in requests):
+            chunk = self.n
+        else:
+            chunk = max(1, CHUNK_ELEMENTS // max(1, self.shape.numel()))
+        if chunk >= self.n:
+            return DenseFactor(self.to_dense()).reduce(requests, param, directions)
+        parts: list[dict[Quantity, Tensor]] = []
+        for start in range(0, self.n, chunk):
+            dense = DenseFactor(self.to_dense(start, start + chunk))
+            parts.append(dense.reduce(requests, param, directions))
+        return _merge_chunks(requests, parts)
+
+
+def _merge_chunks(requests: list[Quantity], parts: list[dict[Quantity, Tensor]]) -> dict:
+    """Merge results of sample chunks: per-sample rows concatenate, sums add."""
+    out = {}
+    for q in requests:
+        values = [p[q] for p in parts]
+        if isinstance(q, (BatchL2, Projection, IndividualGradients)):
+            out[q] = torch.cat(values)
+        else:  # SecondMoment, Hist1D, Hist2D: sums over samples
+            out[q] = torch.stack(values).sum(0)
+    return out
+
+
+class EmbeddingFactor(Factor):
+    """Individual gradients of an embedding table, ``G_n = Σ_s e_{idx[n,s]} g[n,s]ᵀ``.
+
+    Args:
+        idx: Indices ``[N, S]`` (entries equal to ``padding_idx`` are dropped).
+        g: Output gradients ``[N, S, E]``, already scaled.
+        num_embeddings: V.
+        padding_idx: Index whose row gets no gradient, or None.
+    """
+
+    def __init__(self, idx: Tensor, g: Tensor, num_embeddings: int, padding_idx: int | None):
+        self.idx, self.g = idx, g
+        self.n = idx.shape[0]
+        self.num_embeddings = num_embeddings
+        self.padding_idx = padding_idx
+        self.shape = torch.Size((num_embeddings, g.shape[-1]))
+        self._rows: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Non-zero rows: sample index ``[U]``, vocabulary index ``[U]``, row ``[U, E]``."""
+        if self._rows is None:
+            n, s = self.idx.shape
+            sample = torch.arange(n, device=self.idx.device).repeat_interleave(s)
+            vocab = self.idx.reshape(-1)
+            g = self.g.reshape(n * s, -1)
+            if self.padding_idx is not None:
+                keep = vocab != self.padding_idx
+                sample, vocab, g = sample[keep], vocab[keep], g[keep]
+            key = sample * self.num_embeddings + vocab
+            uniq, inverse = torch.unique(key, return_inverse=True)
+            rows = g.new_zeros(uniq.numel(), g.shape[1]).index_add_(0, inverse, g)
+            self._rows = (uniq // self.num_embeddings, uniq % self.num_embeddings, rows)
+        return self._rows
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        sample, vocab, rows = self.rows()
+        dense = rows.new_zeros(self.n, *self.shape)
+        dense[sample, vocab] = rows
+        return dense
+
+    def to_affine(self) -> AffineFactor:
+        """The same gradients in affine form: ``b = onehot(idx)`` ``[N,S,V]``, ``a = g``."""
+        onehot = torch.nn.functional.one_hot(self.idx, self.num_embeddings).to(self.g.dtype)
+        if self.padding_idx is not None:
+            onehot[..., self.padding_idx] = 0
+        return AffineFactor(self.g.unsqueeze(1), onehot.unsqueeze(1), self.shape)
+
+    def reduce(  # noqa: D102
+        self, requests: Iterable[Quantity], param: Tensor, directions: dict[str, Tensor | None]
+    ) -> dict[Quantity, Tensor]:
+        sample, vocab, rows = self.rows()
+        out: dict[Quantity, Tensor] = {}
+        zeros_n = rows.new_zeros(self.n)
+        for q in requests:
+            if isinstance(q, BatchL2):
+                out[q] = zeros_n.index_add(0, sample, (rows * rows).sum(1))
+            elif isinstance(q, SecondMoment):
+                out[q] = rows.new_zeros(self.shape).index_add_(0, vocab, rows * rows)
+            elif isinstance(q, Projection):
+                u = directions.get(q.key)
+                out[q] = (
+                    zeros_n.clone()
+                    if u is None
+                    else zeros_n.index_add(0, sample, (rows * u.to(rows.dtype)[vocab]).sum(1))
+                )
+            elif isinstance(q, GradDot):
+                mean = rows.new_zeros(self.shape).index_add_(0, vocab, rows) / self.n
+                out[q] = zeros_n.index_add(0, sample, (rows * mean[vocab]).sum(1))
+            elif isinstance(q, BatchDot):
+                used, col = torch.unique(vocab, return_inverse=True)
+                compact = rows.new_zeros(self.n, used.numel(), rows.shape[1])
+                compact[sample, col] = rows
+                compact = compact.reshape(self.n, -1)
+                out[q] = compact @ compact.T
+            elif isinstance(q, IndividualGradients):
+                out[q] = self.to_dense()
+            elif isinstance(q, Hist1D):
+                counts = _hist1d(rows, q)
+                implicit_zeros = self.n * self.shape.numel() - rows.numel()
+                counts[bin_index(rows.new_zeros(1), *q.range, q.bins)] += implicit_zeros
+                out[q] = counts
+            elif isinstance(q, Hist2D):
+                # Every sample contributes (0, θ_j) for every entry, corrected on touched rows.
+                zero_row = bin_index(rows.new_zeros(1), *q.range[0], q.bins[0])
+                p_lo, p_hi = q.range[1]
+                theta = param.to(rows.dtype)
+                base = torch.bincount(
+                    bin_index(theta.reshape(-1), p_lo, p_hi, q.bins[1]), minlength=q.bins[1]
+                ).to(torch.float64)
+                counts = torch.zeros(q.bins, dtype=torch.float64, device=rows.device)
+                counts[zero_row] += self.n * base
+                touched = theta[vocab]
+                counts += _hist2d(rows, touched, q) - _hist2d(torch.zeros_like(rows), touched, q)
+                out[q] = counts
+            else:
+                raise TypeError(f"EmbeddingFactor cannot compute {q!r}")
+        return out
+
+
+def combine(factors: Sequence[Factor]) -> Factor:
+    """Merge the factors of several uses of one parameter into one factor.
+
+    The result represents the per-sample *sum* of the uses' individual gradients.
+    Affine and embedding factors are concatenated along S (exact, no cross term is
+    lost); anything else is materialized and added.
+    """
+    if len(factors) == 1:
+        return factors[0]
+    if all(isinstance(f, EmbeddingFactor) for f in factors):
+        first = factors[0]
+        assert isinstance(first, EmbeddingFactor)
+        return EmbeddingFactor(
+            torch.cat([f.idx for f in factors], 1),  # type: ignore[attr-defined]
+            torch.cat([f.g for f in factors], 1),  # type: ignore[attr-defined]
+            first.num_embeddings,
+            first.padding_idx,
+        )
+    if all(isinstance(f, (AffineFactor, EmbeddingFactor)) for f in factors):
+        affine = [f.to_affine() if isinstance(f, EmbeddingFactor) else f for f in factors]
+        if len({(f.groups, f._dims) for f in affine}) == 1:  # type: ignore[attr-defined]
+            return AffineFactor(
+                torch.cat([f.a for f in affine], 2),  # type: ignore[attr-defined]
+                torch.cat([f.b for f in affine], 2),  # type: ignore[attr-defined]
+                affine[0].shape,
+            )
+    total = factors[0].to_dense().clone()
+    for f in factors[1:]:
+        total += f.to_dense()
+    return DenseFactor(total)

@@ -1,0 +1,124 @@
+"""Generic ``torch.func`` path: per-sample gradients of any module's own parameters.
+
+For a module call ``y = m(x; θ)`` with output gradient ``b = ∂L/∂y``, sample n's
+gradient is ``∇_θ ⟨b_n, m(x_n; θ)⟩``: the module is re-run on each sample (as a batch
+of one) inside ``vmap(grad(...))``. It is exact for any module whose samples do not
+interact, costs about one extra forward and backward of that module, and materializes
+``[N, *P]`` per parameter. Stochastic modules (dropout inside) cannot be re-run
+identically and raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from cockpit.factors import DenseFactor, Factor
+from cockpit.layers import UnsupportedModuleError
+
+__all__ = ["tensor_outputs", "per_sample_gradients", "functorch_rule"]
+
+
+def tensor_outputs(output) -> list[Tensor]:
+    """The tensors of a module output (a tensor, or a tuple/list/dict of them), in order."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [o for o in output if isinstance(o, Tensor)]
+    return []
+
+
+def per_sample_gradients(
+    module: nn.Module,
+    params: dict[str, Tensor],
+    call: Callable[[dict[str, Tensor], dict[str, Tensor]], list[Tensor]],
+    inputs: dict[str, Tensor],
+    in_dims: dict[str, int | None],
+    grad_outputs: list[Tensor | None],
+    out_dims: list[int],
+) -> dict[str, Tensor]:
+    """Per-sample gradients ``[N, *P]`` of ``Σ_k ⟨b_k, out_k⟩`` w.r.t. ``params``.
+
+    Args:
+        module: The module (for error messages).
+        params: ``{name: tensor}`` to differentiate.
+        call: ``call(params, sample_inputs) -> [outputs]`` evaluating the module on a batch
+            of one; ``sample_inputs`` holds each batched input with its batch dim restored
+            as size 1.
+        inputs: Module inputs by name.
+        in_dims: Batch dim of each input (None: shared by all samples).
+        grad_outputs: Output gradients (None: output got no gradient).
+        out_dims: Batch dim of each output.
+    """
+    cots = [c for c in grad_outputs if c is not None]
+    keep = [i for i, c in enumerate(grad_outputs) if c is not None]
+    cot_dims = [out_dims[i] for i in keep]
+
+    def sample_loss(p, xs, cs):
+        xs = {k: (v.unsqueeze(in_dims[k]) if in_dims[k] is not None else v) for k, v in xs.items()}
+        outs = call(p, xs)
+        total = 0.0
+        for i, c, d in zip(keep, cs, cot_dims, strict=True):
+            total = total + (outs[i] * c.unsqueeze(d)).sum()
+        return total
+
+    try:
+        return vmap(grad(sample_loss), in_dims=(None, dict(in_dims), cot_dims), randomness="error")(
+            params, inputs, cots
+        )
+    except RuntimeError as err:
+        if "random" in str(err).lower():
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} draws random numbers in forward (e.g. dropout), so it "
+                "cannot be re-run per sample to get its per-sample gradients. Disable the "
+                "randomness (dropout=0 or eval mode) or register an exact rule for it."
+            ) from err
+        raise
+
+
+def functorch_rule(module: nn.Module, args, kwargs, grad_outputs, wanted) -> dict[str, Factor]:
+    """Fallback for modules without a rule: tensors whose dim 0 equals N are per-sample."""
+    n = next(g.shape[0] for g in grad_outputs if g is not None)
+    params = {k: p.detach() for k, p in module.named_parameters(recurse=False) if k in wanted}
+    inputs: dict[str, Tensor] = {}
+    in_dims: dict[str, int | None] = {}
+    arg_slots: list[str | object] = []
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor):
+            inputs[f"arg{i}"] = a.detach()
+            in_dims[f"arg{i}"] = 0 if a.dim() > 0 and a.shape[0] == n else None
+            arg_slots.append(f"arg{i}")
+        else:
+            arg_slots.append(_Const(a))
+    kw_static = {}
+    for k, v in kwargs.items():
+        if isinstance(v, Tensor):
+            inputs[f"kw_{k}"] = v.detach()
+            in_dims[f"kw_{k}"] = 0 if v.dim() > 0 and v.shape[0] == n else None
+        else:
+            kw_static[k] = v
+
+    def call(p, xs):
+        call_args = tuple(xs[s] if isinstance(s, str) else s.value for s in arg_slots)
+        call_kwargs = dict(kw_static)
+        call_kwargs.update({k[3:]: v for k, v in xs.items() if k.startswith("kw_")})
+        return tensor_outputs(functional_call(module, p, call_args, call_kwargs))
+
+    out_dims = [0] * len(grad_outputs)
+    grads = per_sample_gradients(
+        module, params, call, inputs, in_dims, list(grad_outputs), out_dims
+    )
+    return {k: DenseFactor(v) for k, v in grads.items()}
+
+
+class _Const:
+    """A non-tensor positional argument passed through unchanged."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value

@@ -1,0 +1,234 @@
+"""Quantity keys: what the engine can gather during one backward pass.
+
+Each key is a frozen dataclass, so equal requests deduplicate (two instruments
+asking for ``Hist1D(bins=100)`` share one computation, while ``Hist1D(bins=50)``
+is a different quantity). All per-sample quantities describe the *unscaled*
+individual gradients ``g_n = ∇ l_n``, where the batch loss is
+``L = (1/N) Σ_n l_n`` (``reduction="mean"``) or ``L = Σ_n l_n`` (``"sum"``).
+
+Shape letters: N batch, P the shape of one parameter tensor, B bins.
+
+Example:
+    >>> from cockpit.quantities import BatchL2, Hist1D
+    >>> {BatchL2(), BatchL2(), Hist1D(bins=10)} == {BatchL2(), Hist1D(bins=10)}
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Quantity",
+    "BatchL2",
+    "BatchDot",
+    "SecondMoment",
+    "GradDot",
+    "Projection",
+    "IndividualGradients",
+    "Hist1D",
+    "Hist2D",
+    "FIRST_ORDER",
+    "Gathered",
+    "variance",
+]
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """Base class of all quantity keys."""
+
+    #: How per-parameter results combine into the model-wide total:
+    #: ``"sum"`` (add tensors of equal shape) or ``None`` (no model-wide total).
+    total_mode = "sum"
+
+
+@dataclass(frozen=True)
+class BatchL2(Quantity):
+    """Squared norms ``‖g_n‖²`` of the individual gradients; per parameter ``[N]``."""
+
+
+@dataclass(frozen=True)
+class BatchDot(Quantity):
+    """Gram matrix ``⟨g_n, g_m⟩`` of the individual gradients; per parameter ``[N, N]``."""
+
+
+@dataclass(frozen=True)
+class SecondMoment(Quantity):
+    """Second moment ``Σ_n g_n²`` per coordinate; per parameter ``[*P]``.
+
+    The (biased) variance of the individual gradients follows as
+    ``second_moment / N - mean²``; see :func:`variance`.
+    """
+
+    total_mode = None
+
+
+@dataclass(frozen=True)
+class GradDot(Quantity):
+    """Products ``⟨g_n, ḡ⟩`` with the mean gradient ``ḡ = (1/N) Σ_m g_m``; per parameter ``[N]``.
+
+    ``ḡ`` is the mean of the individual gradients for both reductions (for
+    ``reduction="sum"`` it is the batch gradient divided by N), which is what the
+    gradient tests need. The model-wide total is ``⟨g_n, ḡ⟩`` over all parameters.
+    """
+
+
+@dataclass(frozen=True)
+class Projection(Quantity):
+    """Projections ``⟨g_n, u⟩`` onto a direction ``u``; per parameter ``[N]``.
+
+    The direction is passed to :meth:`cockpit.engine.Engine.gather` under
+    ``directions[key]`` as a mapping from parameter name to a tensor shaped like
+    the parameter. Parameters missing from the mapping count as zero.
+
+    Args:
+        key: Name of the direction in ``directions``.
+    """
+
+    key: str = "u"
+
+
+@dataclass(frozen=True)
+class IndividualGradients(Quantity):
+    """The individual gradients themselves, per parameter ``[N, *P]``.
+
+    Memory grows as N × D; request it only when needed. It is never concatenated
+    into a model-wide tensor.
+    """
+
+    total_mode = None
+
+
+@dataclass(frozen=True)
+class Hist1D(Quantity):
+    """Histogram of all N·D individual-gradient entries; per parameter ``[B]`` (float64).
+
+    Values outside ``range`` are clamped into the edge bins. Bins are half-open
+    ``[e_k, e_{k+1})`` except the last, which also takes everything above.
+
+    Args:
+        bins: Number of bins B.
+        range: ``(low, high)`` of the bins.
+    """
+
+    bins: int = 100
+    range: tuple[float, float] = (-2.0, 2.0)
+
+    def __post_init__(self) -> None:
+        _check_bins("Hist1D", self.bins, self.range)
+
+    def edges(self) -> Tensor:
+        """Return the B + 1 bin edges (float64)."""
+        return torch.linspace(*self.range, self.bins + 1, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Hist2D(Quantity):
+    """Joint histogram of ``(g_nj, θ_j)`` pairs; per parameter ``[B_g, B_θ]`` (float64).
+
+    Clamped into the edge bins like :class:`Hist1D`.
+
+    Args:
+        bins: ``(B_g, B_θ)`` numbers of gradient and parameter bins.
+        range: ``((g_low, g_high), (θ_low, θ_high))``.
+    """
+
+    bins: tuple[int, int] = (40, 50)
+    range: tuple[tuple[float, float], tuple[float, float]] = ((-1.0, 1.0), (-2.0, 2.0))
+
+    def __post_init__(self) -> None:
+        _check_bins("Hist2D (gradient axis)", self.bins[0], self.range[0])
+        _check_bins("Hist2D (parameter axis)", self.bins[1], self.range[1])
+
+    def edges(self) -> tuple[Tensor, Tensor]:
+        """Return the gradient and parameter bin edges (float64)."""
+        return (
+            torch.linspace(*self.range[0], self.bins[0] + 1, dtype=torch.float64),
+            torch.linspace(*self.range[1], self.bins[1] + 1, dtype=torch.float64),
+        )
+
+
+def _check_bins(what: str, bins: int, rng: tuple[float, float]) -> None:
+    if int(bins) != bins or bins < 1:
+        raise ValueError(f"{what}: bins must be a positive integer, got {bins!r}")
+    lo, hi = rng
+    if not lo < hi:
+        raise ValueError(f"{what}: range must satisfy low < high, got {rng!r}")
+
+
+#: The first-order quantities that need no configuration.
+FIRST_ORDER = (BatchL2(), BatchDot(), SecondMoment(), GradDot())
+
+
+@dataclass
+class Gathered:
+    """What one backward pass gathered, per parameter and model-wide.
+
+    Attributes:
+        batch_size: N.
+        reduction: ``"mean"`` or ``"sum"``, the loss reduction the scaling assumed.
+        per_param: ``{quantity: {parameter name: tensor}}``.
+    """
+
+    batch_size: int
+    reduction: str
+    per_param: dict[Quantity, dict[str, Tensor]] = field(default_factory=dict)
+
+    def __getitem__(self, quantity: Quantity) -> dict[str, Tensor]:
+        """Return ``{parameter name: tensor}`` for a gathered quantity."""
+        try:
+            return self.per_param[quantity]
+        except KeyError:
+            raise KeyError(
+                f"{quantity!r} was not gathered; gathered: {sorted(map(repr, self.per_param))}"
+            ) from None
+
+    def __contains__(self, quantity: object) -> bool:
+        return quantity in self.per_param
+
+    def total(self, quantity: Quantity) -> Tensor:
+        """Model-wide value: the sum over parameter tensors.
+
+        Raises:
+            ValueError: For quantities without a model-wide total (second moment,
+                individual gradients), whose per-parameter shapes differ.
+        """
+        if quantity.total_mode != "sum":
+            raise ValueError(f"{quantity!r} has no model-wide total; use per-parameter values")
+        values = list(self[quantity].values())
+        if not values:
+            raise ValueError(f"{quantity!r}: no parameter contributed to this backward pass")
+        out = values[0].clone()
+        for v in values[1:]:
+            out += v
+        return out
+
+
+def variance(
+    second_moment: Mapping[str, Tensor] | Tensor, mean: Mapping[str, Tensor] | Tensor, n: int
+) -> Mapping[str, Tensor] | Tensor:
+    """Biased variance ``second_moment / N - mean²`` of the individual gradients.
+
+    Args:
+        second_moment: ``Σ_n g_n²`` (a tensor or a dict of tensors).
+        mean: Mean gradient ``(1/N) Σ_n g_n`` shaped alike.
+        n: Batch size N.
+
+    Returns:
+        The biased (1/N) variance per coordinate; multiply by ``N / (N - 1)`` for the
+        unbiased one.
+
+    Example:
+        >>> import torch
+        >>> g = torch.tensor([[1.0, 2.0], [3.0, 2.0]])
+        >>> variance((g**2).sum(0), g.mean(0), 2)
+        tensor([1., 0.])
+    """
+    if isinstance(second_moment, Tensor):
+        return second_moment / n - mean**2
+    return {k: second_moment[k] / n - mean[k] ** 2 for k in second_moment}
