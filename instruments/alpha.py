@@ -8,7 +8,7 @@ and fitted by weighted least squares to four noisy observations: the mean losses
 the start batch at ``θ_t`` and of the end batch at ``θ_{t+1}``). With the design
 ``Φ`` (columns ``(1,0,0)``, ``(1,τ,τ²)``, ``(0,1,0)``, ``(0,1,2τ)``) and the weights
 ``Λ = diag(var_f0, var_f1, var_df0, var_df1)``,
-``w = (Φ Λ⁻¹ Φᵀ)⁻¹ Φ Λ⁻¹ (f0, f1, df0, df1)ᵀ`` and
+``w = (Φ Λ⁻¹ Φᵀ)⁻¹ Φ Λ⁻¹ y`` with ``y = (f0, f1, df0, df1)ᵀ``, and
 
 ``α = τ / x_min − 1`` with ``x_min = −w1 / (2 w2)``:
 
@@ -29,18 +29,28 @@ Agreement with Cockpit v1.0.2 (``cockpit/quantities/alpha.py``: ``_fit_quadratic
 - A variance that is exactly 0 is replaced by 1e-10 with a warning (one warning for
   the function values, one for the derivatives), as in Cockpit.
 - ``τ = 0``: Cockpit's fit is singular and ``_get_alpha`` returns −1 for it; so do we.
-- Any other singular fit: Cockpit returns ``None``; we return NaN (with a warning).
+- For ``τ > 0`` and finite positive variances the fit is never singular. An infinite
+  variance (no information from that observation) can leave it undetermined (Cockpit:
+  ``LinAlgError`` → ``None``); here any infinite variance gives NaN with a warning,
+  and any NaN input gives NaN.
 - ``α = τ/x_min − 1`` is Cockpit's ``2τ/ᾱ − 1`` with ``ᾱ = −w1/w2 = 2 x_min``. The
   degenerate ``w2 = 0`` gives Cockpit's value as well: −1 (its ``2τ/±inf − 1``), or
   NaN when also ``w1 = 0``. ``w2 > 0 = w1`` (the fit's minimum at the start point)
   gives +inf, where Cockpit's signed-zero division gives ±inf.
-- Numerics: Cockpit solves for ``w`` with ``np.linalg.inv`` in the coordinate x,
-  whose normal matrix has entries from ``1`` to ``τ⁴`` and is ill-conditioned for
-  small steps (``τ ≈ 1e-4`` is common). We fit the equivalent problem in ``s = x/τ``
-  (observations ``f0, f1, τ·df0, τ·df1`` with variances ``var_f0, var_f1,
-  τ² var_df0, τ² var_df1``; weighted least squares is invariant under this
-  reparametrization) and use ``α = 1/s_min − 1``. The results agree with Cockpit's to
-  rounding where its matrix is well conditioned, and stay accurate where it is not.
+- Numerics: Cockpit forms the normal equations and inverts them
+  (``np.linalg.inv(Φ Λ⁻¹ Φᵀ) @ Φ Λ⁻¹ y``). We solve the same weighted least-squares
+  problem in closed form. Four observations and three parameters leave one residual
+  direction: ``q`` fits the data exactly iff ``zᵀy = 0`` with ``z = (−2, 2, −τ, −τ)``
+  (``2 (f1 − f0) = τ (df0 + df1)``, the trapezoidal rule, exact for quadratics). The
+  weighted fit removes the misfit ``c = zᵀy`` along ``Λ z``:
+  ``ŷ = y − Λ z c / (zᵀ Λ z)``, so the fitted slopes are
+  ``s_i = df_i + τ var_df_i c / (4 (var_f0 + var_f1) + τ² (var_df0 + var_df1))``,
+  ``w1 = s0``, ``w2 = (s1 − s0) / (2τ)``, and ``α = −s1 / s0`` (concave iff
+  ``s1 < s0``). No matrix is inverted, so the result stays accurate when the weights
+  are far apart: with the 1e-10 floor active Cockpit's inverse loses about 1e-6
+  (relative) against an exact rational solution, and with variances of identical
+  values that come out as 1e-33 instead of 0 the spread is 10²³. Elsewhere both agree
+  to rounding.
 
 Sign conventions: ``df0``, ``df1`` are directional derivatives along ``u`` (the
 direction actually stepped), so a descent step has ``df0 < 0``. Both points use the
@@ -52,7 +62,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,10 +69,6 @@ __all__ = ["ZERO_VARIANCE_FLOOR", "alpha", "alpha_from_samples"]
 
 ZERO_VARIANCE_FLOOR = 1e-10
 """Value that replaces an exactly zero variance in the fit weights (as in Cockpit)."""
-
-# Observation rows of the design in s = x/τ: f(0), f(1), f'(0), f'(1) of
-# q(s) = v0 + v1 s + v2 s².
-_DESIGN_S = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
 
 
 def _floor_zero_variances(var_a: float, var_b: float, what: str) -> tuple[float, float]:
@@ -104,20 +109,20 @@ def alpha(
         var_df1: Same for the end projections.
 
     Returns:
-        α as a float: −1 for ``τ = 0`` or a concave fit; NaN if an input is NaN or
-        the fit is singular (e.g. infinite variances leave it undetermined).
+        α as a float: −1 for ``τ = 0`` (singular fit, Cockpit's value) or a concave
+        fit; NaN if an input is NaN or infinite (the fit is then undetermined).
 
     Raises:
         ValueError: If ``tau`` or a variance is negative.
 
     """
     tau = float(tau)
-    values = [float(v) for v in (f0, f1, df0, df1)]
+    f0, f1, df0, df1 = (float(v) for v in (f0, f1, df0, df1))
     var_f = (float(var_f0), float(var_f1))
     var_df = (float(var_df0), float(var_df1))
     if tau < 0.0 or any(v < 0.0 for v in var_f + var_df):
         raise ValueError("tau and the variances must be non-negative")
-    if any(math.isnan(v) for v in (tau, *values, *var_f, *var_df)):
+    if any(math.isnan(v) for v in (tau, f0, f1, df0, df1, *var_f, *var_df)):
         return math.nan
     var_f = _floor_zero_variances(*var_f, "f")
     var_df = _floor_zero_variances(*var_df, "df")
@@ -128,32 +133,27 @@ def alpha(
             stacklevel=2,
         )
         return -1.0
-
-    f0, f1, df0, df1 = values
-    y = np.array([f0, f1, tau * df0, tau * df1])
-    weights = 1.0 / np.array([var_f[0], var_f[1], tau**2 * var_df[0], tau**2 * var_df[1]])
-    normal = _DESIGN_S.T @ (weights[:, None] * _DESIGN_S)
-    rhs = _DESIGN_S.T @ (weights * y)
-    with np.errstate(all="ignore"):
-        try:
-            v0, v1, v2 = np.linalg.solve(normal, rhs)
-        except np.linalg.LinAlgError:
-            v0 = v1 = v2 = math.nan
-    if not (math.isfinite(v0) and math.isfinite(v1) and math.isfinite(v2)):
+    if not all(math.isfinite(v) for v in (tau, f0, f1, df0, df1, *var_f, *var_df)):
         warnings.warn(
-            "Could not compute the quadratic fit (singular system); alpha = NaN.",
+            "Could not compute the quadratic fit (undetermined by infinite values); alpha = NaN.",
             RuntimeWarning,
             stacklevel=2,
         )
         return math.nan
-    if v2 < 0.0:
+
+    # Misfit along the single residual direction z = (−2, 2, −τ, −τ) and its
+    # weighted removal: ŷ = y − Λ z c / (zᵀ Λ z). Fitted slopes s0 = w1, s1 = w1 + 2τ w2.
+    misfit = 2.0 * (f1 - f0) - tau * (df0 + df1)
+    z_lambda_z = 4.0 * (var_f[0] + var_f[1]) + tau**2 * (var_df[0] + var_df[1])
+    shift = tau * misfit / z_lambda_z
+    s0 = df0 + var_df[0] * shift
+    s1 = df1 + var_df[1] * shift
+    if s1 < s0:  # w2 < 0: concave
         return -1.0
-    if v2 == 0.0:
-        return -1.0 if v1 != 0.0 else math.nan
-    if v1 == 0.0:
-        return math.inf
-    # s_min = −v1 / (2 v2);  α = τ / x_min − 1 = 1 / s_min − 1
-    return float(-2.0 * v2 / v1 - 1.0)
+    if s0 == 0.0:  # w1 = 0: NaN if also w2 = 0, else the start is the minimum
+        return math.nan if s1 == s0 else math.inf
+    # α = τ / x_min − 1 = −2τ w2 / w1 − 1 = −s1 / s0
+    return -s1 / s0
 
 
 def _mean_and_unbiased_var(x: Tensor, name: str) -> tuple[float, float]:
