@@ -1,0 +1,613 @@
+"""Pure data transforms behind the dashboard: series extraction, smoothing, downsampling, CSV.
+
+Everything here is plain pandas/numpy on the tidy log schema, so it runs (and is tested) without
+Dash or a browser.
+
+Scalars are a DataFrame with columns ``step`` (int64), ``wall_time`` (float64, unix seconds),
+``instrument``, ``metric``, ``param`` (str) and ``value`` (float64, may be NaN). Histograms are a
+DataFrame with columns ``step``, ``wall_time``, ``instrument`` (``"grad_hist_1d"`` or
+``"grad_hist_2d"``), ``param``, ``counts`` (array ``[B]`` or ``[B_g, B_p]``: gradient bins ×
+parameter bins), ``edges_0`` (``B + 1`` or ``B_g + 1`` gradient-bin edges) and ``edges_1``
+(``B_p + 1`` parameter-bin edges, empty for 1D).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping
+from typing import Literal, NamedTuple, TypedDict
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+
+__all__ = [
+    "XAxis",
+    "EmaState",
+    "HistRecord",
+    "debiased_ema",
+    "ema_with_state",
+    "minmax_indices",
+    "downsample_minmax",
+    "series",
+    "tail_values",
+    "latest_value",
+    "metrics_of",
+    "params_of",
+    "natural_key",
+    "latest_hist",
+    "latest_hists_by_param",
+    "hist_history",
+    "as_counts",
+    "bin_centers",
+    "edge_mass",
+    "central_mass",
+    "csv_of",
+]
+
+XAxis = Literal["step", "wall_time"]
+_X_AXES = ("step", "wall_time")
+
+
+class EmaState(TypedDict):
+    """JSON-serializable state of a debiased EMA, so smoothing can continue on new points.
+
+    Attributes:
+        last: The biased accumulator after the last finite value (TensorBoard's ``last``).
+        count: How many finite values have been folded in.
+
+    """
+
+    last: float
+    count: int
+
+
+class HistRecord(NamedTuple):
+    """One logged histogram.
+
+    Attributes:
+        step: Training step it belongs to.
+        counts: ``[B]`` (1D) or ``[B_g, B_p]`` (2D, gradient bins × parameter bins) counts.
+        edges_0: Gradient-bin edges, ``B + 1`` or ``B_g + 1`` values.
+        edges_1: Parameter-bin edges, ``B_p + 1`` values (empty for 1D).
+
+    """
+
+    step: int
+    counts: np.ndarray
+    edges_0: np.ndarray
+    edges_1: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------
+# Smoothing
+# --------------------------------------------------------------------------------------------
+def _check_smoothing(smoothing: float) -> float:
+    smoothing = float(smoothing)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    return smoothing
+
+
+def ema_with_state(
+    values: ArrayLike, smoothing: float, state: EmaState | None = None
+) -> tuple[np.ndarray, EmaState]:
+    """Debiased EMA that can resume from a previous chunk's state.
+
+    TensorBoard's scalar smoothing: ``last = w·last + (1 − w)·v`` over finite values only,
+    divided by the debias factor ``1 − w^count``. Non-finite values (NaN gaps, ±inf) are skipped:
+    they neither move the average nor count, and stay non-finite in the output, so a plotted line
+    keeps its gaps. Smoothing ``a`` then ``b`` (passing ``a``'s state) equals smoothing ``a + b``.
+
+    Vectorized (O(n)): the fresh part is pandas' adjusted EWM (the same weighted mean as the
+    debiased recursion), combined in closed form with the carried-over accumulator.
+
+    Args:
+        values: The raw values, in x order.
+        smoothing: Weight ``w`` of the past, in ``[0, 1)``; 0 returns the values unchanged.
+        state: The state returned for the preceding chunk, or ``None`` to start fresh.
+
+    Returns:
+        The smoothed values (same length, float64) and the state after the last finite value.
+
+    Raises:
+        ValueError: If ``smoothing`` is outside ``[0, 1)``.
+
+    """
+    w = _check_smoothing(smoothing)
+    y = np.array(values, dtype=np.float64, copy=True).reshape(-1)
+    last0 = 0.0 if state is None else float(state["last"])
+    count0 = 0 if state is None else int(state["count"])
+    finite = np.isfinite(y)
+    f = y[finite]
+    k = f.size
+    if k == 0:
+        return y, {"last": last0, "count": count0}
+    if w == 0.0:
+        return y, {"last": float(f[-1]), "count": count0 + k}
+    # m_j = Σ_{i≤j} w^{j−i} f_i / Σ_{i≤j} w^{j−i}: the debiased EMA of the fresh values alone.
+    m = pd.Series(f).ewm(alpha=1.0 - w, adjust=True).mean().to_numpy()
+    wj = w ** np.arange(1, k + 1, dtype=np.float64)
+    acc = wj * last0 + (1.0 - wj) * m  # biased accumulator continuing from last0
+    debias = 1.0 - w ** (count0 + np.arange(1, k + 1, dtype=np.float64))
+    y[finite] = acc / debias
+    return y, {"last": float(acc[-1]), "count": count0 + k}
+
+
+def debiased_ema(values: ArrayLike, smoothing: float) -> np.ndarray:
+    """TensorBoard-style debiased exponential moving average that skips NaN gaps.
+
+    Args:
+        values: The raw values, in x order.
+        smoothing: Weight of the past, in ``[0, 1)``; 0 is the identity.
+
+    Returns:
+        The smoothed values as float64, NaN wherever the input is not finite.
+
+    Raises:
+        ValueError: If ``smoothing`` is outside ``[0, 1)``.
+
+    """
+    return ema_with_state(values, smoothing)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Downsampling
+# --------------------------------------------------------------------------------------------
+def _first_per_bucket(mask: np.ndarray, bucket: np.ndarray) -> np.ndarray:
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        return idx
+    b = bucket[idx]
+    keep = np.empty(idx.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(b[1:], b[:-1], out=keep[1:])
+    return idx[keep]
+
+
+def minmax_indices(y: ArrayLike, max_points: int) -> np.ndarray:
+    """Indices that a min/max-preserving downsampling keeps, in increasing order.
+
+    The series is cut into ``(max_points − 2) // 2`` buckets of consecutive points; each bucket
+    keeps the (first) position of its minimum and of its maximum, and the very first and last
+    points are always kept. So the global minimum and maximum, every spike and the x range
+    survive. Non-finite values are never picked as extremes; a bucket with no finite value keeps
+    its first point, so NaN gaps still break the drawn line. O(n), vectorized.
+
+    Args:
+        y: The values, in x order.
+        max_points: Upper bound on the number of indices returned (at least 4).
+
+    Returns:
+        Sorted unique int64 indices; ``arange(n)`` when ``n <= max_points``.
+
+    Raises:
+        ValueError: If ``max_points < 4``.
+
+    """
+    if max_points < 4:
+        raise ValueError(f"max_points must be at least 4, got {max_points}")
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    n = y.size
+    if n <= max_points:
+        return np.arange(n, dtype=np.int64)
+    n_buckets = (max_points - 2) // 2
+    starts = (np.arange(n_buckets, dtype=np.int64) * n) // n_buckets
+    sizes = np.diff(np.append(starts, n))
+    bucket = np.repeat(np.arange(n_buckets), sizes)
+    finite = np.isfinite(y)
+    lows = np.minimum.reduceat(np.where(finite, y, np.inf), starts)
+    highs = np.maximum.reduceat(np.where(finite, y, -np.inf), starts)
+    is_min = finite & (y == lows[bucket])
+    is_max = finite & (y == highs[bucket])
+    no_finite = ~np.logical_or.reduceat(finite, starts)
+    parts = (
+        np.array([0, n - 1], dtype=np.int64),
+        _first_per_bucket(is_min, bucket),
+        _first_per_bucket(is_max, bucket),
+        starts[no_finite],
+    )
+    return np.unique(np.concatenate(parts))
+
+
+def downsample_minmax(x: ArrayLike, y: ArrayLike, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Min/max-preserving bucket downsampling of an x-sorted series (see :func:`minmax_indices`).
+
+    Args:
+        x: The x values, sorted ascending.
+        y: The y values, same length as ``x``.
+        max_points: Upper bound on the number of points returned (at least 4).
+
+    Returns:
+        The kept ``(x, y)``, in x order; an exact copy when the series is short enough.
+
+    Raises:
+        ValueError: If the lengths differ or ``max_points < 4``.
+
+    """
+    x = np.asarray(x).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if x.size != y.size:
+        raise ValueError(f"x and y differ in length: {x.size} != {y.size}")
+    idx = minmax_indices(y, max_points)
+    return x[idx].copy(), y[idx].copy()
+
+
+# --------------------------------------------------------------------------------------------
+# Series extraction
+# --------------------------------------------------------------------------------------------
+def _check_x(x: str) -> None:
+    if x not in _X_AXES:
+        raise ValueError(f"x must be one of {_X_AXES}, got {x!r}")
+
+
+def series(
+    df: pd.DataFrame | None,
+    instrument: str,
+    metric: str | None = None,
+    param: str = "all",
+    x: XAxis = "step",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Extract one sorted ``(x, y)`` series from a scalars DataFrame.
+
+    A step logged twice (e.g. read twice) keeps its last row. NaN values are kept (gaps).
+
+    Args:
+        df: Scalars in the log schema (``None`` or empty gives empty arrays).
+        instrument: Instrument name.
+        metric: Metric name; defaults to ``instrument`` (the main value).
+        param: Parameter name, ``"all"`` for model-wide values, ``"groupK"`` for param groups.
+        x: ``"step"`` or ``"wall_time"`` (unix seconds).
+
+    Returns:
+        ``(x, y)`` float64 arrays sorted by ``x``.
+
+    Raises:
+        ValueError: If ``x`` is not ``"step"`` or ``"wall_time"``.
+
+    """
+    _check_x(x)
+    empty = (np.empty(0, dtype=np.float64), np.empty(0, dtype=np.float64))
+    if df is None or df.empty:
+        return empty
+    metric = instrument if metric is None else metric
+    mask = (df["instrument"] == instrument) & (df["metric"] == metric) & (df["param"] == param)
+    if not mask.any():
+        return empty
+    cols = ["step", "value"] if x == "step" else ["step", "wall_time", "value"]
+    sub = df.loc[mask, cols].sort_values("step", kind="stable")
+    sub = sub.drop_duplicates("step", keep="last")
+    if x == "wall_time":
+        sub = sub.sort_values("wall_time", kind="stable")
+    return sub[x].to_numpy(dtype=np.float64), sub["value"].to_numpy(dtype=np.float64)
+
+
+def tail_values(
+    df: pd.DataFrame | None,
+    instrument: str,
+    metric: str | None = None,
+    param: str = "all",
+    window: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``window`` finite values of a series, by step.
+
+    Args:
+        df: Scalars in the log schema.
+        instrument: Instrument name.
+        metric: Metric name; defaults to ``instrument``.
+        param: Parameter name.
+        window: How many tracked (finite) values to keep from the end; ``None`` keeps all.
+
+    Returns:
+        ``(steps, values)`` float64 arrays, sorted by step, finite values only.
+
+    """
+    steps, values = series(df, instrument, metric, param, "step")
+    finite = np.isfinite(values)
+    steps, values = steps[finite], values[finite]
+    if window is not None:
+        steps, values = steps[-window:], values[-window:]
+    return steps, values
+
+
+def latest_value(
+    df: pd.DataFrame | None, instrument: str, metric: str | None = None, param: str = "all"
+) -> float | None:
+    """The value at the latest step with a finite value, or ``None``.
+
+    Args:
+        df: Scalars in the log schema.
+        instrument: Instrument name.
+        metric: Metric name; defaults to ``instrument``.
+        param: Parameter name.
+
+    Returns:
+        The latest finite value, or ``None`` when there is none.
+
+    """
+    _, values = tail_values(df, instrument, metric, param, window=1)
+    return float(values[-1]) if values.size else None
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders embedded numbers numerically (``group2`` before ``group10``).
+
+    Args:
+        name: The string to sort.
+
+    Returns:
+        A tuple usable as a sort key.
+
+    """
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part)
+        for part in re.split(r"(\d+)", name)
+        if part
+    )
+
+
+def metrics_of(df: pd.DataFrame | None, instrument: str) -> list[str]:
+    """Metric names logged for an instrument, in natural order.
+
+    Args:
+        df: Scalars in the log schema.
+        instrument: Instrument name.
+
+    Returns:
+        The distinct metric names.
+
+    """
+    if df is None or df.empty:
+        return []
+    names = df.loc[df["instrument"] == instrument, "metric"].unique()
+    return sorted((str(n) for n in names), key=natural_key)
+
+
+def params_of(df: pd.DataFrame | None, instrument: str, metric: str | None = None) -> list[str]:
+    """Parameter names logged for an instrument/metric, in natural order.
+
+    Args:
+        df: Scalars in the log schema.
+        instrument: Instrument name.
+        metric: Metric name; defaults to ``instrument``.
+
+    Returns:
+        The distinct parameter names.
+
+    """
+    if df is None or df.empty:
+        return []
+    metric = instrument if metric is None else metric
+    mask = (df["instrument"] == instrument) & (df["metric"] == metric)
+    return sorted((str(p) for p in df.loc[mask, "param"].unique()), key=natural_key)
+
+
+# --------------------------------------------------------------------------------------------
+# Histograms
+# --------------------------------------------------------------------------------------------
+def as_counts(obj: object) -> np.ndarray:
+    """Coerce a stored ``counts`` cell to a float64 array (1D, or 2D from nested arrays).
+
+    Parquet round trips may turn a 2D array into an object array of 1D rows; this stacks them.
+
+    Args:
+        obj: The cell value (ndarray, nested list, or object array of rows).
+
+    Returns:
+        A float64 ndarray.
+
+    """
+    arr = np.asarray(obj)
+    if arr.dtype == object:
+        arr = np.stack([np.asarray(row, dtype=np.float64) for row in arr])
+    return arr.astype(np.float64, copy=False)
+
+
+def _edges(obj: object) -> np.ndarray:
+    if obj is None:
+        return np.empty(0, dtype=np.float64)
+    return np.asarray(obj, dtype=np.float64).reshape(-1)
+
+
+def _hist_rows(hists: pd.DataFrame | None, instrument: str, param: str | None) -> pd.DataFrame:
+    if hists is None or hists.empty:
+        return pd.DataFrame(columns=["step", "param", "counts", "edges_0", "edges_1"])
+    mask = hists["instrument"] == instrument
+    if param is not None:
+        mask &= hists["param"] == param
+    return hists.loc[mask].sort_values("step", kind="stable")
+
+
+def _record(row: pd.Series) -> HistRecord:
+    return HistRecord(
+        int(row["step"]),
+        as_counts(row["counts"]),
+        _edges(row["edges_0"]),
+        _edges(row.get("edges_1")),
+    )
+
+
+def latest_hist(
+    hists: pd.DataFrame | None, instrument: str, param: str = "all"
+) -> HistRecord | None:
+    """The histogram at the latest step for one instrument and parameter.
+
+    Args:
+        hists: Histograms in the log schema.
+        instrument: ``"grad_hist_1d"`` or ``"grad_hist_2d"``.
+        param: Parameter name, ``"all"`` for the whole model.
+
+    Returns:
+        The latest record, or ``None`` if there is none.
+
+    """
+    rows = _hist_rows(hists, instrument, param)
+    return None if rows.empty else _record(rows.iloc[-1])
+
+
+def latest_hists_by_param(
+    hists: pd.DataFrame | None, instrument: str, exclude: tuple[str, ...] = ("all",)
+) -> dict[str, HistRecord]:
+    """The latest histogram of every parameter, in order of first appearance in the log.
+
+    Args:
+        hists: Histograms in the log schema.
+        instrument: ``"grad_hist_1d"`` or ``"grad_hist_2d"``.
+        exclude: Parameter names to leave out (the model-wide ``"all"`` by default).
+
+    Returns:
+        ``{param: HistRecord}``, ordered like the model's parameters were logged.
+
+    """
+    rows = _hist_rows(hists, instrument, None)
+    if rows.empty:
+        return {}
+    order = list(dict.fromkeys(hists.loc[hists["instrument"] == instrument, "param"]))
+    last = rows.drop_duplicates("param", keep="last").set_index("param")
+    return {str(p): _record(last.loc[p]) for p in order if p not in exclude}
+
+
+def hist_history(
+    hists: pd.DataFrame | None, instrument: str = "grad_hist_1d", param: str = "all"
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """All histograms of one parameter over time, for the step × bin heatmap.
+
+    Rows whose counts shape differs from the latest histogram's are dropped (the binning was
+    changed mid-run); a step logged twice keeps its last row.
+
+    Args:
+        hists: Histograms in the log schema.
+        instrument: Usually ``"grad_hist_1d"``.
+        param: Parameter name.
+
+    Returns:
+        ``(steps, counts_list, edges)`` with the latest histogram's gradient-bin edges.
+
+    """
+    rows = _hist_rows(hists, instrument, param)
+    if rows.empty:
+        return np.empty(0, dtype=np.int64), [], np.empty(0, dtype=np.float64)
+    rows = rows.drop_duplicates("step", keep="last")
+    counts = [as_counts(c) for c in rows["counts"]]
+    shape = counts[-1].shape
+    keep = [c.shape == shape for c in counts]
+    steps = rows["step"].to_numpy(dtype=np.int64)[keep]
+    return (
+        steps,
+        [c for c, k in zip(counts, keep, strict=True) if k],
+        _edges(rows["edges_0"].iloc[-1]),
+    )
+
+
+def bin_centers(edges: ArrayLike) -> np.ndarray:
+    """Midpoints of consecutive bin edges.
+
+    Args:
+        edges: ``B + 1`` increasing edges.
+
+    Returns:
+        ``B`` centres.
+
+    """
+    e = np.asarray(edges, dtype=np.float64)
+    return 0.5 * (e[1:] + e[:-1])
+
+
+def _gradient_marginal(counts: ArrayLike) -> np.ndarray:
+    c = as_counts(counts)
+    return c.sum(axis=1) if c.ndim == 2 else c.reshape(-1)
+
+
+def edge_mass(counts: ArrayLike) -> float:
+    """Fraction of gradient mass in the two outermost gradient bins.
+
+    Values outside the histogram range are clamped into these bins, so a large fraction means
+    gradients beyond the range (unnormalized inputs or exploding gradients).
+
+    Args:
+        counts: ``[B]`` or ``[B_g, B_p]`` counts (gradient axis first).
+
+    Returns:
+        The fraction in ``[0, 1]``, NaN for an empty histogram.
+
+    """
+    g = _gradient_marginal(counts)
+    total = g.sum()
+    if g.size == 0 or total <= 0:
+        return float("nan")
+    return float((g[0] + g[-1]) / total) if g.size > 1 else 1.0
+
+
+def central_mass(counts: ArrayLike, edges: ArrayLike) -> float:
+    """Fraction of gradient mass in the central bin(s), where vanishing gradients pile up.
+
+    The central bins are the bin containing 0, or both bins touching 0 when 0 is an edge (the
+    default ranges are symmetric, so 0 is an edge).
+
+    Args:
+        counts: ``[B]`` or ``[B_g, B_p]`` counts (gradient axis first).
+        edges: The ``B + 1`` (or ``B_g + 1``) gradient-bin edges.
+
+    Returns:
+        The fraction in ``[0, 1]``; NaN for an empty histogram or when 0 lies outside the range.
+
+    """
+    g = _gradient_marginal(counts)
+    e = _edges(edges)
+    total = g.sum()
+    if g.size == 0 or total <= 0 or e.size != g.size + 1 or not e[0] <= 0.0 <= e[-1]:
+        return float("nan")
+    scale = max(abs(e[0]), abs(e[-1]))
+    on_edge = np.flatnonzero(np.isclose(e, 0.0, rtol=0.0, atol=1e-9 * scale))
+    if on_edge.size:
+        j = int(on_edge[0])
+        central = g[max(j - 1, 0) : j + 1].sum()
+    else:
+        central = g[int(np.searchsorted(e, 0.0, side="right")) - 1]
+    return float(central / total)
+
+
+# --------------------------------------------------------------------------------------------
+# CSV
+# --------------------------------------------------------------------------------------------
+def csv_of(
+    runs: Mapping[str, pd.DataFrame] | pd.DataFrame,
+    instrument: str,
+    metric: str | None = None,
+    param: str = "all",
+    x: XAxis = "step",
+    smoothing: float = 0.0,
+) -> str:
+    """CSV text of one series for every run (what a line panel shows, before downsampling).
+
+    Args:
+        runs: ``{run name: scalars}``, or one scalars DataFrame (named ``"run"``).
+        instrument: Instrument name.
+        metric: Metric name; defaults to ``instrument``.
+        param: Parameter name.
+        x: ``"step"`` or ``"wall_time"``.
+        smoothing: EMA smoothing for the ``smoothed`` column.
+
+    Returns:
+        CSV with header ``run,<x>,value,smoothed`` and one line per point.
+
+    """
+    if isinstance(runs, pd.DataFrame):
+        runs = {"run": runs}
+    frames = []
+    for name, df in runs.items():
+        xs, ys = series(df, instrument, metric, param, x)
+        frames.append(
+            pd.DataFrame({"run": name, x: xs, "value": ys, "smoothed": debiased_ema(ys, smoothing)})
+        )
+    table = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["run", x, "value", "smoothed"])
+    )
+    if x == "step" and not table.empty:
+        table[x] = table[x].astype(np.int64)
+    buf = io.StringIO()
+    table.to_csv(buf, index=False, lineterminator="\n")
+    return buf.getvalue()
