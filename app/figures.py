@@ -1661,11 +1661,12 @@ def figure_csv(fig: go.Figure | Mapping[str, Any]) -> str:
         CSV with header ``trace,x,y,z`` (``z`` empty for scatter/bar traces).
 
     """
-    data = fig.to_dict()["data"] if isinstance(fig, go.Figure) else fig.get("data", [])
+    if not isinstance(fig, go.Figure):  # also decodes Plotly's base64 typed arrays
+        fig = go.Figure(fig)
     frames = []
-    for i, trace in enumerate(data):
-        name = trace.get("name") or f"trace {i}"
-        x, y, z = trace.get("x"), trace.get("y"), trace.get("z")
+    for i, trace in enumerate(fig.data):
+        name = trace.name or f"trace {i}"
+        x, y, z = trace["x"], trace["y"], getattr(trace, "z", None)
         if z is not None and x is not None and y is not None:
             z = np.asarray(z, dtype=np.float64)
             xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
