@@ -28,6 +28,7 @@ Conventions the Dash layer relies on:
 
 from __future__ import annotations
 
+import base64
 import copy
 import io
 import math
@@ -1648,6 +1649,21 @@ DEFAULT_PANELS: tuple[PanelSpec, ...] = tuple(
 # --------------------------------------------------------------------------------------------
 # CSV of a figure
 # --------------------------------------------------------------------------------------------
+def _array(value: Any) -> Any:
+    """Decode Plotly's base64 typed arrays; other values pass through.
+
+    Plotly 6 writes numpy arrays as ``{"dtype", "bdata", "shape"}`` in ``fig.to_dict()`` and
+    JSON, so a figure coming back from the browser carries them.
+    """
+    if isinstance(value, Mapping) and "bdata" in value:
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        if shape:
+            arr = arr.reshape([int(n) for n in str(shape).split(",")])
+        return arr
+    return value
+
+
 def figure_csv(fig: go.Figure | Mapping[str, Any]) -> str:
     """CSV text of exactly what a figure shows (after downsampling).
 
@@ -1661,12 +1677,12 @@ def figure_csv(fig: go.Figure | Mapping[str, Any]) -> str:
         CSV with header ``trace,x,y,z`` (``z`` empty for scatter/bar traces).
 
     """
-    if not isinstance(fig, go.Figure):  # also decodes Plotly's base64 typed arrays
-        fig = go.Figure(fig)
+    data = fig.data if isinstance(fig, go.Figure) else fig.get("data", [])
     frames = []
-    for i, trace in enumerate(fig.data):
-        name = trace.name or f"trace {i}"
-        x, y, z = trace["x"], trace["y"], getattr(trace, "z", None)
+    for i, trace in enumerate(data):
+        name = (trace["name"] if "name" in trace else None) or f"trace {i}"
+        x, y = _array(trace["x"]), _array(trace["y"])
+        z = _array(trace["z"]) if "z" in trace else None
         if z is not None and x is not None and y is not None:
             z = np.asarray(z, dtype=np.float64)
             xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
