@@ -203,6 +203,13 @@ def test_extend_lines_sends_only_new_points_and_matches_rebuild(smoothing):
     assert all(t["n"] == 80 for t in state2["traces"])
 
 
+def test_extend_lines_on_wall_time_sends_milliseconds():
+    fig = F.line_figure({"a": loss_run(n=10)}, "loss", x="wall_time")
+    payload, state = F.extend_lines({"a": loss_run(n=12)}, fig.layout.meta)
+    assert payload[0]["x"] == [[(1.7e9 + 0.5 * 10) * 1000.0, (1.7e9 + 0.5 * 11) * 1000.0]]
+    assert state["traces"][0]["last_x"] == 1.7e9 + 0.5 * 11  # the state keeps seconds
+
+
 def test_extend_lines_asks_for_redraw_when_it_cannot_grow():
     fig = F.line_figure({"a": loss_run(n=20)}, "loss", max_points=30)
     # a new run
