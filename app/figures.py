@@ -43,6 +43,7 @@ import plotly.graph_objects as go
 from numpy.typing import ArrayLike
 
 from app.transforms import (
+    HistRecord,
     XAxis,
     as_counts,
     bin_centers,
@@ -1456,7 +1457,7 @@ def _title(spec: PanelSpec, run: str | None, n_runs: int) -> str:
 
 def _line_options(spec: PanelSpec, opts: PanelOptions, smoothing: bool = True) -> dict[str, Any]:
     out = dict(log_y=_log(spec, opts), x=opts.x, max_points=opts.max_points, title=spec.title,
-               colors=opts.colors, tracked=opts.tracked)  # fmt: skip
+               colors=opts.colors, tracked=opts.tracked)
     if smoothing:
         out["smoothing"] = opts.smoothing
     return out
@@ -1475,34 +1476,45 @@ def _panel_multi(builder: Callable[..., go.Figure], smoothing: bool = True) -> P
     return build
 
 
+def _model_hist(df: pd.DataFrame | None, instrument: str) -> HistRecord | None:
+    """The model-wide histogram of a run, summed from the layers when not logged as ``"all"``.
+
+    Falls back to the sum of the per-layer records of the latest step that share its binning
+    (2D histograms are often only logged per layer).
+    """
+    rec = latest_hist(df, instrument, "all")
+    if rec is not None:
+        return rec
+    layers = list(latest_hists_by_param(df, instrument).values())
+    if not layers:
+        return None
+    last = max(layers, key=lambda r: r.step)
+    same = [
+        r for r in layers
+        if r.step == last.step and r.counts.shape == last.counts.shape
+        and np.array_equal(r.edges_0, last.edges_0) and np.array_equal(r.edges_1, last.edges_1)
+    ]
+    return last._replace(counts=np.sum([r.counts for r in same], axis=0))
+
+
 def _panel_hist(dim: str) -> PanelBuilder:
     def build(spec: PanelSpec, runs: Runs, hists: Runs, opts: PanelOptions) -> go.Figure:
         def has(df: pd.DataFrame) -> Any:
-            return (df["instrument"] == spec.instrument) & (df["param"] == spec.param)
+            mask = df["instrument"] == spec.instrument
+            return mask if spec.param == "all" else mask & (df["param"] == spec.param)
 
         run, df = _pick_run(hists, has, opts)
-        rec = latest_hist(df, spec.instrument, spec.param)
+        if spec.param == "all":
+            rec = _model_hist(df, spec.instrument)
+        else:
+            rec = latest_hist(df, spec.instrument, spec.param)
         title = _title(spec, run, len(hists))
-        if rec is not None:
-            title = f"{title} (step {rec.step})"
-        if dim == "1d":
-            return hist_1d_figure(
-                None if rec is None else rec.counts,
-                None if rec is None else rec.edges_0,
-                _log(spec, opts),
-                title=title,
-                tracked=opts.tracked,
-            )
         if rec is None:
-            return hist_2d_figure(None, None, None, title=title, tracked=opts.tracked)
-        return hist_2d_figure(
-            rec.counts,
-            rec.edges_0,
-            rec.edges_1,
-            _log(spec, opts),
-            title=title,
-            tracked=opts.tracked,
-        )
+            return empty_figure(_empty_text(opts.tracked), title)
+        title = f"{title} (step {rec.step})"
+        if dim == "1d":
+            return hist_1d_figure(rec.counts, rec.edges_0, _log(spec, opts), title=title)
+        return hist_2d_figure(rec.counts, rec.edges_0, rec.edges_1, _log(spec, opts), title=title)
 
     return build
 
@@ -1634,7 +1646,7 @@ _DEFAULTS: tuple[tuple[str, str, str, str, bool, str | None, str | None, str], .
      "Takeuchi information criterion, trace approximation."),
     ("hyperparameters", "hyperparameters", "Hyperparameters", "hyperparameters", False, None,
      "lr", "Learning rate (and other hyperparameters) per parameter group."),
-)  # fmt: skip
+)
 
 #: The built-in panels, grouped like Cockpit's view.
 DEFAULT_PANELS: tuple[PanelSpec, ...] = tuple(
@@ -1643,7 +1655,7 @@ DEFAULT_PANELS: tuple[PanelSpec, ...] = tuple(
         title=title, group=group, y_log=y_log, description=desc,
     )
     for name, kind, title, group, y_log, inst, metric, desc in _DEFAULTS
-)  # fmt: skip
+)
 
 
 # --------------------------------------------------------------------------------------------

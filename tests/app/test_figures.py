@@ -492,6 +492,19 @@ def test_build_panel_plain_line_needs_no_figure_code():
         F.build_panel({**spec, "kind": "radar"}, {"a": df})
 
 
+def test_model_wide_histogram_panel_sums_layers_when_all_is_missing():
+    h = hists_run(steps=(0, 10))
+    per_layer = h[(h["instrument"] == "grad_hist_2d") & (h["param"] != "all")]
+    spec = next(p for p in F.DEFAULT_PANELS if p.kind == "hist2d")
+    fig = F.build_panel(spec, {}, {"a": per_layer})
+    latest = per_layer[per_layer["step"] == 10]["counts"]
+    np.testing.assert_array_equal(np.array(fig.data[0].customdata), np.sum(list(latest), axis=0))
+    assert "(step 10)" in fig.layout.title.text
+    with_all = F.build_panel(spec, {}, {"a": h})
+    logged = h[(h["instrument"] == "grad_hist_2d") & (h["param"] == "all")]["counts"].iloc[-1]
+    np.testing.assert_array_equal(np.array(with_all.data[0].customdata), logged)
+
+
 def test_single_run_panels_follow_the_selected_run():
     runs = {"a": full_run(seed=0), "b": full_run(seed=5)}
     spec = next(p for p in F.DEFAULT_PANELS if p.kind == "alpha")
