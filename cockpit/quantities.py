@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -124,7 +125,7 @@ class Hist1D(Quantity):
 
     def edges(self) -> Tensor:
         """Return the B + 1 bin edges (float64)."""
-        return torch.linspace(*self.range, self.bins + 1, dtype=torch.float64)
+        return _edges(self.bins, self.range)
 
 
 @dataclass(frozen=True)
@@ -147,10 +148,12 @@ class Hist2D(Quantity):
 
     def edges(self) -> tuple[Tensor, Tensor]:
         """Return the gradient and parameter bin edges (float64)."""
-        return (
-            torch.linspace(*self.range[0], self.bins[0] + 1, dtype=torch.float64),
-            torch.linspace(*self.range[1], self.bins[1] + 1, dtype=torch.float64),
-        )
+        return _edges(self.bins[0], self.range[0]), _edges(self.bins[1], self.range[1])
+
+
+def _edges(bins: int, rng: tuple[float, float]) -> Tensor:
+    """``bins + 1`` float64 edges exactly as ``numpy.linspace`` computes them."""
+    return torch.from_numpy(np.linspace(rng[0], rng[1], bins + 1))
 
 
 def _check_bins(what: str, bins: int, rng: tuple[float, float]) -> None:

@@ -1,3 +1,97 @@
-"""Instruments: diagnostics computed every tracked step from what the engine gathered."""
+"""Instruments: diagnostics computed every tracked step from what the engine gathered.
 
-__all__: list[str] = []
+Each instrument lives in its own module and registers itself under its log name.
+``preset(name)`` returns the instruments of a Cockpit preset.
+
+Example:
+    >>> from instruments import preset
+    >>> [i.name for i in preset("economy")][:4]
+    ['alpha', 'distance', 'grad_hist_1d', 'grad_norm']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from instruments import (  # noqa: F401  (register the built-ins)
+    alpha,
+    cabs,
+    distance,
+    early_stopping,
+    grad_norm,
+    gradient_tests,
+    histograms,
+    hyperparameters,
+    loss,
+    mean_gsnr,
+    update_size,
+)
+from instruments.base import INSTRUMENTS, Instrument, PanelSpec, register_instrument
+
+__all__ = [
+    "INSTRUMENTS",
+    "Instrument",
+    "PanelSpec",
+    "register_instrument",
+    "get",
+    "preset",
+    "PRESETS",
+]
+
+_ECONOMY = (
+    "alpha",
+    "distance",
+    "grad_hist_1d",
+    "grad_norm",
+    "inner_test",
+    "loss",
+    "norm_test",
+    "ortho_test",
+    "update_size",
+)
+#: Cockpit's presets (MATH.md), plus the free ``batch_size`` and ``hyperparameters``.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "economy": _ECONOMY + ("batch_size", "hyperparameters"),
+    "business": _ECONOMY + ("tic_diag", "hess_trace", "batch_size", "hyperparameters"),
+    "full": _ECONOMY
+    + ("tic_diag", "hess_trace", "hess_max_ev", "grad_hist_2d", "batch_size", "hyperparameters"),
+}
+
+
+def get(name: str, schedule: Callable[[int], bool] | None = None, **config) -> Instrument:
+    """Instantiate a registered instrument by its log name."""
+    try:
+        cls = INSTRUMENTS[name]
+    except KeyError:
+        raise ValueError(f"unknown instrument {name!r}; known: {sorted(INSTRUMENTS)}") from None
+    return cls(schedule, **config)
+
+
+def preset(name: str, schedule: Callable[[int], bool] | None = None) -> list[Instrument]:
+    """The instruments of preset ``"economy"``, ``"business"`` or ``"full"``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return [get(n, schedule) for n in PRESETS[name] if n in INSTRUMENTS]
+
+
+def resolve_instruments(
+    spec: str | Sequence[str | Instrument], default_schedule: Callable[[int], bool]
+) -> list[Instrument]:
+    """Turn a preset name, names and/or instrument objects into instruments with schedules."""
+    if isinstance(spec, str):
+        items: list[str | Instrument] = list(preset(spec)) if spec in PRESETS else [spec]
+    else:
+        items = list(spec)
+    out: list[Instrument] = []
+    seen = set()
+    for item in items:
+        inst = get(item) if isinstance(item, str) else item
+        if not isinstance(inst, Instrument):
+            raise TypeError(f"instruments must be names or Instrument objects, got {item!r}")
+        if inst.schedule is None:
+            inst.schedule = default_schedule
+        if inst.name in seen:
+            raise ValueError(f"instrument {inst.name!r} given twice")
+        seen.add(inst.name)
+        out.append(inst)
+    return out

@@ -65,7 +65,19 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["ZERO_VARIANCE_FLOOR", "alpha", "alpha_from_samples"]
+from cockpit.quantities import Projection
+from instruments.base import (
+    Instrument,
+    PanelSpec,
+    Plan,
+    Record,
+    Scalar,
+    StepContext,
+    Update,
+    register_instrument,
+)
+
+__all__ = ["Alpha", "ZERO_VARIANCE_FLOOR", "alpha", "alpha_from_samples"]
 
 ZERO_VARIANCE_FLOOR = 1e-10
 """Value that replaces an exactly zero variance in the fit weights (as in Cockpit)."""
@@ -203,3 +215,83 @@ def alpha_from_samples(
     df0, var_df0 = _mean_and_unbiased_var(proj0, "proj0")
     df1, var_df1 = _mean_and_unbiased_var(proj1, "proj1")
     return alpha(tau, f0, f1, var_f0, var_f1, df0, df1, var_df0, var_df1)
+
+
+_KEY = "alpha_step"
+
+
+class _Start:
+    """What alpha keeps from step t until step t+1: no per-sample gradients, just [N] vectors."""
+
+    def __init__(
+        self, step: int, tau: float, u: dict[str, Tensor] | None, losses: Tensor, proj: Tensor
+    ):
+        self.step, self.tau, self.u, self.losses, self.proj = step, tau, u, losses, proj
+
+
+@register_instrument
+class Alpha(Instrument):
+    """Normalized step length α (Cockpit's alpha) for any optimizer.
+
+    On a tracked step t it keeps the individual losses and, right after
+    ``optimizer.step()``, the per-sample projections ``g_nᵀ u`` onto the actual step
+    direction ``u = d/‖d‖`` at θ_t (one forward-mode pass; no per-sample gradients are
+    cached). On the next call of ``cockpit.step`` (step t+1, tracked or not) it gathers
+    the end-point projections onto ``u`` and the individual losses at θ_{t+1} and logs
+    α for step t. The last tracked step of a run has no end point and gets no α.
+    """
+
+    name = "alpha"
+    cost = "first-order"
+    panel = PanelSpec(
+        "alpha",
+        "step_size",
+        "Alpha",
+        description="Does the step over- or undershoot the local minimum?",
+    )
+
+    def __init__(self, schedule=None) -> None:
+        super().__init__(schedule)
+        self._start: _Start | None = None
+        self._candidate: tuple[int, Tensor] | None = None
+
+    def plan(self, step: int) -> Plan | None:  # noqa: D102
+        start = self.schedule is not None and self.schedule(step)
+        end = self._start is not None
+        if not (start or end):
+            return None
+        quantities, directions = frozenset(), {}
+        if end and self._start.u is not None:
+            quantities = frozenset({Projection(_KEY)})
+            directions = {_KEY: self._start.u}
+        return Plan(quantities, directions, individual_losses=True, update=start, output_grad=start)
+
+    def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
+        rows: list[Record] = []
+        start, self._start = self._start, None
+        if start is not None:
+            if start.u is None:  # the step did not move: Cockpit's α for τ = 0
+                proj1 = torch.zeros_like(start.proj)
+            else:
+                assert ctx.gathered is not None
+                proj1 = ctx.gathered.total(Projection(_KEY))
+            value = alpha_from_samples(
+                start.tau, start.losses, ctx.individual_losses, start.proj, proj1
+            )
+            rows.append(Scalar(start.step, self.name, self.name, "all", value))
+        scheduled = self.schedule is not None and self.schedule(ctx.step)
+        self._candidate = (ctx.step, ctx.individual_losses) if scheduled else None
+        return rows
+
+    def on_update(self, ctx: StepContext, update: Update) -> list[Record]:  # noqa: D102
+        if self._candidate is None or self._candidate[0] != ctx.step:
+            return []
+        step, losses = self._candidate
+        self._candidate = None
+        tau = update.norm
+        if tau == 0.0:
+            self._start = _Start(step, 0.0, None, losses, torch.zeros_like(losses))
+            return []
+        u = {k: (d / tau) for k, d in update.delta.items()}
+        self._start = _Start(step, tau, u, losses, ctx.directional_derivatives(u))
+        return []

@@ -29,9 +29,19 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from cockpit.quantities import BatchL2
 from instruments._numerics import as_scalar, check_batch_size, flat64, nonneg_difference
+from instruments.base import (
+    Instrument,
+    PanelSpec,
+    Record,
+    Scalar,
+    StepContext,
+    Update,
+    register_instrument,
+)
 
-__all__ = ["cabs", "effective_lr"]
+__all__ = ["CABS", "cabs", "effective_lr"]
 
 
 def cabs(
@@ -112,3 +122,34 @@ def effective_lr(update: Tensor | Sequence[Tensor], grad: Tensor | Sequence[Tens
             stacklevel=2,
         )
     return lr_eff
+
+
+@register_instrument
+class CABS(Instrument):
+    """CABS batch-size suggestion (Balles et al. 2017) for any optimizer.
+
+    The learning rate is the effective one of the actual update (:func:`effective_lr`),
+    which equals ``lr`` for plain SGD; the loss is the mean loss ``(1/N) Σ_n l_n``.
+    Metrics: ``cabs`` and ``lr_eff``.
+    """
+
+    name = "cabs"
+    requires = frozenset({BatchL2()})
+    needs_update = True
+    cost = "first-order"
+    panel = PanelSpec("line", "gradients", "CABS batch size", y_log=True)
+
+    def on_update(self, ctx: StepContext, update: Update) -> list[Record]:  # noqa: D102
+        assert ctx.gathered is not None
+        mean = ctx.mean_grads
+        keys = list(update.delta)
+        lr = effective_lr([update.delta[k] for k in keys], [mean[k] for k in keys])
+        n = ctx.batch_size
+        sum_l2 = float(ctx.gathered.total(BatchL2()).sum())
+        gns = sum(float(mean[k].double().pow(2).sum()) for k in keys)
+        loss = ctx.loss if ctx.reduction == "mean" else ctx.loss / n
+        value = cabs(lr, sum_l2, gns, n, loss) if math.isfinite(lr) and lr > 0 else math.nan
+        return [
+            Scalar(ctx.step, self.name, self.name, "all", value),
+            Scalar(ctx.step, self.name, "lr_eff", "all", lr),
+        ]

@@ -24,9 +24,18 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from cockpit.quantities import SecondMoment
 from instruments._numerics import check_batch_size, flat64
+from instruments.base import (
+    Instrument,
+    PanelSpec,
+    Record,
+    Scalar,
+    StepContext,
+    register_instrument,
+)
 
-__all__ = ["early_stopping"]
+__all__ = ["EarlyStopping", "early_stopping"]
 
 
 def early_stopping(
@@ -60,3 +69,37 @@ def early_stopping(
     g_sq = g.square()
     var = (sgs - n * g_sq) / (n - 1)
     return 1.0 - n * float((g_sq / (var + eps)).mean())
+
+
+@register_instrument
+class EarlyStopping(Instrument):
+    """Evidence-based early-stopping criterion (Mahsereci et al. 2017); stop when > 0."""
+
+    name = "early_stopping"
+    requires = frozenset({SecondMoment()})
+    cost = "first-order"
+    panel = PanelSpec(
+        "line",
+        "gradients",
+        "Early stopping (EB)",
+        description="Is the gradient indistinguishable from noise (> 0)?",
+    )
+
+    def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
+        assert ctx.gathered is not None
+        sm, mean, n = ctx.gathered[SecondMoment()], ctx.mean_grads, ctx.batch_size
+        keys = list(sm)
+        rows: list[Record] = [
+            Scalar(
+                ctx.step,
+                self.name,
+                self.name,
+                "all",
+                early_stopping([sm[k] for k in keys], [mean[k] for k in keys], n),
+            )
+        ]
+        rows += [
+            Scalar(ctx.step, self.name, self.name, k, early_stopping(sm[k], mean[k], n))
+            for k in keys
+        ]
+        return rows

@@ -33,9 +33,22 @@ import math
 
 from torch import Tensor
 
+from cockpit.quantities import BatchL2, GradDot
 from instruments._numerics import as_scalar, check_batch_size, nonneg_difference
+from instruments.base import (
+    Instrument,
+    PanelSpec,
+    Record,
+    Scalar,
+    StepContext,
+    register_instrument,
+)
 
 __all__ = [
+    "NormTest",
+    "InnerTest",
+    "OrthoTest",
+    "BatchSize",
     "INNER_TEST_THRESHOLD",
     "NORM_TEST_THRESHOLD",
     "ORTHO_TEST_THRESHOLD",
@@ -168,3 +181,122 @@ def suggested_batch_size(test_value: float, n: int, target: float) -> float:
     if not target > 0.0:
         raise ValueError(f"target must be positive, got {target!r}")
     return n * (float(test_value) / target) ** 2
+
+
+def _statistics(ctx: StepContext) -> dict[str, tuple[float, float, float]]:
+    """``{param or "all": (Σ_n ‖g_n‖², Σ_n (g_nᵀ ḡ)², ‖ḡ‖²)}`` from the gathered quantities."""
+    assert ctx.gathered is not None
+    l2, dots = ctx.gathered[BatchL2()], ctx.gathered[GradDot()]
+    mean = ctx.mean_grads
+    out = {}
+    for k in l2:
+        out[k] = (
+            float(l2[k].sum()),
+            float((dots[k].double() ** 2).sum()),
+            float(mean[k].double().pow(2).sum()),
+        )
+    total_dots = ctx.gathered.total(GradDot()).double()
+    out["all"] = (
+        sum(v[0] for v in out.values()),
+        float((total_dots**2).sum()),
+        sum(v[2] for v in out.values()),
+    )
+    return out
+
+
+class _GradientTest(Instrument):
+    requires = frozenset({BatchL2(), GradDot()})
+    cost = "first-order"
+
+    def _value(self, sum_l2: float, sum_dot_sq: float, grad_norm_sq: float, n: int) -> float:
+        raise NotImplementedError
+
+    def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
+        stats = _statistics(ctx)
+        n = ctx.batch_size
+        rows: list[Record] = [
+            Scalar(ctx.step, self.name, self.name, "all", self._value(*stats.pop("all"), n))
+        ]
+        rows += [
+            Scalar(ctx.step, self.name, self.name, k, self._value(*v, n)) for k, v in stats.items()
+        ]
+        return rows
+
+
+@register_instrument
+class NormTest(_GradientTest):
+    """Norm test (Byrd et al. 2012), model-wide and per tensor; see :func:`norm_test`."""
+
+    name = "norm_test"
+    panel = PanelSpec(
+        "gradient_tests",
+        "gradients",
+        "Gradient tests",
+        metrics=("norm_test", "inner_test", "ortho_test"),
+        description="How noisy is the mini-batch gradient? Large values: a larger batch helps.",
+    )
+
+    def _value(self, sum_l2, sum_dot_sq, grad_norm_sq, n):
+        return norm_test(sum_l2, grad_norm_sq, n)
+
+
+@register_instrument
+class InnerTest(_GradientTest):
+    """Inner-product test (Bollapragada et al. 2018); see :func:`inner_test`."""
+
+    name = "inner_test"
+    panel = PanelSpec("line", "gradients", "Inner-product test", y_log=True)
+
+    def _value(self, sum_l2, sum_dot_sq, grad_norm_sq, n):
+        return inner_test(sum_dot_sq, grad_norm_sq, n)
+
+
+@register_instrument
+class OrthoTest(_GradientTest):
+    """Orthogonality test (Bollapragada et al. 2018); see :func:`ortho_test`."""
+
+    name = "ortho_test"
+    panel = PanelSpec("line", "gradients", "Orthogonality test", y_log=True)
+
+    def _value(self, sum_l2, sum_dot_sq, grad_norm_sq, n):
+        return ortho_test(sum_l2, sum_dot_sq, grad_norm_sq, n)
+
+
+@register_instrument
+class BatchSize(Instrument):
+    """Batch sizes at which each gradient test would hit its reference threshold.
+
+    ``N* = N (θ/θ*)²`` with θ* = 0.9 (norm, inner) and tan 80° (ortho); metrics
+    ``norm_test``, ``inner_test``, ``ortho_test`` (model-wide).
+    """
+
+    name = "batch_size"
+    requires = frozenset({BatchL2(), GradDot()})
+    cost = "first-order"
+    panel = PanelSpec(
+        "line",
+        "gradients",
+        "Suggested batch size",
+        metrics=("norm_test", "inner_test", "ortho_test"),
+        y_log=True,
+        description="Which batch size would make the gradient tests pass?",
+    )
+
+    def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
+        sum_l2, sum_dot_sq, gns = _statistics(ctx)["all"]
+        n = ctx.batch_size
+        tests = {
+            "norm_test": (norm_test(sum_l2, gns, n), NORM_TEST_THRESHOLD),
+            "inner_test": (inner_test(sum_dot_sq, gns, n), INNER_TEST_THRESHOLD),
+            "ortho_test": (ortho_test(sum_l2, sum_dot_sq, gns, n), ORTHO_TEST_THRESHOLD),
+        }
+        return [
+            Scalar(
+                ctx.step,
+                self.name,
+                k,
+                "all",
+                suggested_batch_size(v, n, t) if math.isfinite(v) else math.nan,
+            )
+            for k, (v, t) in tests.items()
+        ]

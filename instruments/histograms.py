@@ -43,9 +43,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from cockpit.quantities import Hist1D, Hist2D
 from instruments._numerics import flat64
+from instruments.base import (
+    Histogram,
+    Instrument,
+    PanelSpec,
+    Record,
+    StepContext,
+    register_instrument,
+)
 
-__all__ = ["bin_edges", "bin_indices", "hist_1d", "hist_2d"]
+__all__ = ["GradHist1D", "GradHist2D", "bin_edges", "bin_indices", "hist_1d", "hist_2d"]
 
 
 def bin_edges(bins: int, range: tuple[float, float], device: torch.device | None = None) -> Tensor:
@@ -170,3 +179,86 @@ def hist_2d(
     flat = bin_indices(xv, x_edges) * bins[1] + bin_indices(yv, y_edges)
     counts = torch.bincount(flat, minlength=bins[0] * bins[1]).to(torch.float64)
     return counts.reshape(bins[0], bins[1]), (x_edges, y_edges)
+
+
+@register_instrument
+class GradHist1D(Instrument):
+    """Histogram of all N·D individual-gradient entries, model-wide and per tensor.
+
+    Args:
+        schedule: Step predicate (histograms are the costliest first-order quantity on
+            CPU; thin their schedule separately if needed).
+        bins: Number of bins (default 100).
+        range: Bin range; values outside are clamped into the edge bins.
+    """
+
+    name = "grad_hist_1d"
+    cost = "first-order"
+    panel = PanelSpec(
+        "hist1d",
+        "gradients",
+        "Gradient histogram",
+        description="Where do the individual gradient entries lie? Edge-bin mass: exploding.",
+    )
+
+    def __init__(self, schedule=None, bins: int = 100, range: tuple[float, float] = (-2.0, 2.0)):
+        super().__init__(schedule)
+        self.quantity = Hist1D(bins=bins, range=tuple(range))
+        self.requires = frozenset({self.quantity})
+
+    def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
+        assert ctx.gathered is not None
+        counts = ctx.gathered[self.quantity]
+        edges = (self.quantity.edges(),)
+        rows: list[Record] = [
+            Histogram(ctx.step, self.name, "all", ctx.gathered.total(self.quantity), edges)
+        ]
+        rows += [Histogram(ctx.step, self.name, k, c, edges) for k, c in counts.items()]
+        return rows
+
+    def config(self) -> dict:  # noqa: D102
+        return {**super().config(), "bins": self.quantity.bins, "range": list(self.quantity.range)}
+
+
+@register_instrument
+class GradHist2D(Instrument):
+    """Joint histogram of (individual gradient entry, parameter value), model-wide and per tensor.
+
+    The per-tensor histograms are the layer-wise view that reveals vanishing gradients.
+
+    Args:
+        schedule: Step predicate.
+        bins: ``(gradient bins, parameter bins)``, default (40, 50).
+        range: ``((g_low, g_high), (θ_low, θ_high))``, default ((−1, 1), (−2, 2)).
+    """
+
+    name = "grad_hist_2d"
+    cost = "first-order"
+    panel = PanelSpec(
+        "hist2d",
+        "gradients",
+        "Gradient/parameter histogram",
+        description="Which parameters get which gradients? All mass at zero: vanishing gradients.",
+    )
+
+    def __init__(self, schedule=None, bins=(40, 50), range=((-1.0, 1.0), (-2.0, 2.0))):
+        super().__init__(schedule)
+        self.quantity = Hist2D(bins=tuple(bins), range=(tuple(range[0]), tuple(range[1])))
+        self.requires = frozenset({self.quantity})
+
+    def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
+        assert ctx.gathered is not None
+        counts = ctx.gathered[self.quantity]
+        edges = self.quantity.edges()
+        rows: list[Record] = [
+            Histogram(ctx.step, self.name, "all", ctx.gathered.total(self.quantity), edges)
+        ]
+        rows += [Histogram(ctx.step, self.name, k, c, edges) for k, c in counts.items()]
+        return rows
+
+    def config(self) -> dict:  # noqa: D102
+        return {
+            **super().config(),
+            "bins": list(self.quantity.bins),
+            "range": [list(r) for r in self.quantity.range],
+        }

@@ -24,9 +24,18 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from cockpit.quantities import SecondMoment
 from instruments._numerics import check_batch_size, flat64
+from instruments.base import (
+    Instrument,
+    PanelSpec,
+    Record,
+    Scalar,
+    StepContext,
+    register_instrument,
+)
 
-__all__ = ["mean_gsnr"]
+__all__ = ["MeanGSNR", "mean_gsnr"]
 
 
 def mean_gsnr(
@@ -60,3 +69,37 @@ def mean_gsnr(
         return math.nan
     g_sq = g.square()
     return float((g_sq / (m2 - g_sq + eps)).mean())
+
+
+@register_instrument
+class MeanGSNR(Instrument):
+    """Mean gradient signal-to-noise ratio (Liu et al. 2020), model-wide and per tensor."""
+
+    name = "mean_gsnr"
+    requires = frozenset({SecondMoment()})
+    cost = "first-order"
+    panel = PanelSpec(
+        "line",
+        "gradients",
+        "Mean GSNR",
+        y_log=True,
+        description="How consistent are the individual gradients' signs and sizes?",
+    )
+
+    def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
+        assert ctx.gathered is not None
+        sm, mean, n = ctx.gathered[SecondMoment()], ctx.mean_grads, ctx.batch_size
+        keys = list(sm)
+        rows: list[Record] = [
+            Scalar(
+                ctx.step,
+                self.name,
+                self.name,
+                "all",
+                mean_gsnr([sm[k] for k in keys], [mean[k] for k in keys], n),
+            )
+        ]
+        rows += [
+            Scalar(ctx.step, self.name, self.name, k, mean_gsnr(sm[k], mean[k], n)) for k in keys
+        ]
+        return rows
