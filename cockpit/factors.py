@@ -18,7 +18,12 @@ A parameter reached several times in one forward pass gets one factor per use;
 :func:`combine` merges them into a factor of the *summed* per-sample gradients
 (concatenating along S when the forms agree, so no cross term is lost).
 
-Shape letters: N batch, G groups, S shared positions, I input features,
+Curvature uses the *column* variants (:class:`ColumnFactor`): the same forms with a
+leading axis of K columns (backpropagated square-root columns, see
+:mod:`cockpit.curvature`), where the layer input ``a`` is shared by all columns and is
+never copied; :func:`combine_columns` merges uses per column.
+
+Shape letters: K columns, N batch, G groups, S shared positions, I input features,
 O output features, P parameter shape, D = prod(P), B bins.
 """
 
@@ -41,7 +46,19 @@ from cockpit.quantities import (
     SecondMoment,
 )
 
-__all__ = ["Factor", "DenseFactor", "AffineFactor", "EmbeddingFactor", "combine", "bin_index"]
+__all__ = [
+    "Factor",
+    "DenseFactor",
+    "AffineFactor",
+    "EmbeddingFactor",
+    "combine",
+    "bin_index",
+    "ColumnFactor",
+    "ColumnDenseFactor",
+    "ColumnAffineFactor",
+    "ColumnEmbeddingFactor",
+    "combine_columns",
+]
 
 #: Quantities that need the per-sample gradient of every sample at once.
 _NEEDS_ALL_ROWS = (BatchDot, GradDot)
@@ -398,3 +415,254 @@ def combine(factors: Sequence[Factor]) -> Factor:
     for f in factors[1:]:
         total += f.to_dense()
     return DenseFactor(total)
+
+
+# ----------------------------------------------------------------------------------------
+# column factors: K pseudo-losses backpropagated at once (curvature)
+# ----------------------------------------------------------------------------------------
+
+
+class ColumnFactor:
+    """Individual gradients ``G[k, n]`` of one parameter for K columns at once.
+
+    Curvature (see :mod:`cockpit.curvature`) backpropagates K columns of a square root
+    (of the loss Hessian, or of an activation's residual term) instead of one output
+    gradient, so each column k gives its own N per-sample gradients. The diagonal
+    curvature of a parameter is then the (weighted) second moment over the K·N
+    pseudo-samples, :meth:`sum_of_squares`.
+
+    Attributes:
+        k: Number of columns K.
+        n: Batch size N.
+        shape: Parameter shape P.
+    """
+
+    k: int
+    n: int
+    shape: torch.Size
+
+    def to_dense(self) -> Tensor:
+        """Build the gradients ``[K, N, *P]``."""
+        raise NotImplementedError
+
+    def sum_of_squares(self, weights: Tensor | None = None) -> Tensor:
+        """``Σ_k Σ_n w[k, n] G[k, n]²`` per coordinate, shape ``[*P]``.
+
+        Args:
+            weights: ``[K, N]`` weights (e.g. the signs of residual columns); None for 1.
+        """
+        g = self.to_dense()
+        sq = g * g
+        if weights is not None:
+            sq = sq * weights.to(sq.dtype).reshape(*weights.shape, *([1] * len(self.shape)))
+        return sq.sum((0, 1))
+
+
+def _check_weights(weights: Tensor | None, k: int, n: int) -> None:
+    if weights is not None and tuple(weights.shape) != (k, n):
+        raise ValueError(f"weights must have shape [K, N] = [{k}, {n}], got {tuple(weights.shape)}")
+
+
+class ColumnDenseFactor(ColumnFactor):
+    """Materialized ``[K, N, *P]`` column gradients (biases, norms, the fallback rule)."""
+
+    def __init__(self, grads: Tensor) -> None:
+        self.grads = grads
+        self.k, self.n = grads.shape[0], grads.shape[1]
+        self.shape = grads.shape[2:]
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        return self.grads
+
+    def sum_of_squares(self, weights: Tensor | None = None) -> Tensor:  # noqa: D102
+        _check_weights(weights, self.k, self.n)
+        return super().sum_of_squares(weights)
+
+
+class ColumnAffineFactor(ColumnFactor):
+    """``G[k, n][g] = Σ_s b[k,n,g,s]ᵀ a[k,n,g,s]`` where either side may be shared by all k.
+
+    Args:
+        a: ``[K_a, N, G, S, I]`` with ``K_a ∈ {1, K}`` (1: the same for every column, e.g.
+            the layer input, which the columns share).
+        b: ``[K_b, N, G, S, O]`` with ``K_b ∈ {1, K}``.
+        shape: Parameter shape P with ``prod(P) = G·O·I`` (rows group-major).
+    """
+
+    def __init__(self, a: Tensor, b: Tensor, shape: Sequence[int]) -> None:
+        if a.dim() != 5 or b.dim() != 5 or a.shape[1:4] != b.shape[1:4]:
+            raise ValueError(
+                f"ColumnAffineFactor needs a [K,N,G,S,I], b [K,N,G,S,O]; got {a.shape}, {b.shape}"
+            )
+        ka, kb = a.shape[0], b.shape[0]
+        if ka != kb and 1 not in (ka, kb):
+            raise ValueError(f"ColumnAffineFactor: column counts {ka} and {kb} differ")
+        self.a, self.b = a, b
+        self.k = max(ka, kb)
+        self.n, self.groups, self.s = a.shape[1], a.shape[2], a.shape[3]
+        self.shape = torch.Size(shape)
+
+    @property
+    def _dims(self) -> tuple[int, int]:
+        return self.b.shape[4], self.a.shape[4]
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        k = self.k
+        a = self.a.expand(k, *self.a.shape[1:])
+        b = self.b.expand(k, *self.b.shape[1:])
+        g = torch.einsum("kngso,kngsi->kngoi", b, a)
+        return g.reshape(k, self.n, *self.shape)
+
+    def sum_of_squares(self, weights: Tensor | None = None) -> Tensor:  # noqa: D102
+        _check_weights(weights, self.k, self.n)
+        a, b = self.a, self.b
+        w = None if weights is None else weights.to(a.dtype)
+        if self.s == 1:
+            a2, b2 = a[:, :, :, 0].square(), b[:, :, :, 0].square()  # [K_a,N,G,I], [K_b,N,G,O]
+            if a.shape[0] == 1:
+                bw = b2 if w is None else b2 * w[:, :, None, None]
+                out = torch.einsum("ngo,ngi->goi", bw.sum(0), a2[0])
+            elif b.shape[0] == 1:
+                aw = a2 if w is None else a2 * w[:, :, None, None]
+                out = torch.einsum("ngo,ngi->goi", b2[0], aw.sum(0))
+            else:
+                bw = b2 if w is None else b2 * w[:, :, None, None]
+                out = torch.einsum("kngo,kngi->goi", bw, a2)
+            return out.reshape(self.shape)
+        return self._materialized_squares(w)
+
+    def _materialized_squares(self, w: Tensor | None) -> Tensor:
+        """S > 1: build ``G[k, n]`` in chunks of columns and samples, square, sum."""
+        a, b = self.a, self.b
+        k, n, groups, s = self.k, self.n, self.groups, self.s
+        o, i = self._dims
+        per = max(1, groups * o * i)
+        kc = max(1, min(k, CHUNK_ELEMENTS // per))
+        nc = max(1, min(n, CHUNK_ELEMENTS // (per * kc)))
+        total = a.new_zeros(groups, o, i)
+        for k0 in range(0, k, kc):
+            k1 = min(k, k0 + kc)
+            for n0 in range(0, n, nc):
+                n1 = min(n, n0 + nc)
+                m, kk = n1 - n0, k1 - k0
+                wc = None if w is None else w[k0:k1, n0:n1].T  # [m, kk]
+                if a.shape[0] == 1:
+                    # shared inputs: one GEMM per (sample, group) over all columns
+                    bc = b[k0:k1, n0:n1].permute(1, 2, 0, 4, 3).reshape(m * groups, kk * o, s)
+                    ac = a[0, n0:n1].reshape(m * groups, s, i)
+                    sq = torch.bmm(bc, ac).view(m, groups, kk, o, i).square_()
+                    if wc is not None:
+                        sq *= wc[:, None, :, None, None]
+                    total += sq.sum((0, 2))
+                elif b.shape[0] == 1:
+                    # shared "output" side (transposed convolutions)
+                    ac = a[k0:k1, n0:n1].permute(1, 2, 3, 0, 4).reshape(m * groups, s, kk * i)
+                    bc = b[0, n0:n1].reshape(m * groups, s, o).transpose(1, 2)
+                    sq = torch.bmm(bc, ac).view(m, groups, o, kk, i).square_()
+                    if wc is not None:
+                        sq *= wc[:, None, None, :, None]
+                    total += sq.sum((0, 3))
+                else:
+                    g = torch.einsum("kngso,kngsi->kngoi", b[k0:k1, n0:n1], a[k0:k1, n0:n1])
+                    sq = g.square_()
+                    if wc is not None:
+                        sq *= wc.T[:, :, None, None, None]
+                    total += sq.sum((0, 1))
+        return total.reshape(self.shape)
+
+
+class ColumnEmbeddingFactor(ColumnFactor):
+    """Embedding gradients ``G[k, n] = Σ_s e_{idx[n,s]} g[k,n,s]ᵀ`` (indices shared by all k).
+
+    Args:
+        idx: Indices ``[N, S]``.
+        g: Output gradients ``[K, N, S, E]``.
+        num_embeddings: V.
+        padding_idx: Index whose row gets no gradient, or None.
+    """
+
+    def __init__(self, idx: Tensor, g: Tensor, num_embeddings: int, padding_idx: int | None):
+        self.idx, self.g = idx, g
+        self.k, self.n = g.shape[0], idx.shape[0]
+        self.num_embeddings = num_embeddings
+        self.padding_idx = padding_idx
+        self.shape = torch.Size((num_embeddings, g.shape[-1]))
+
+    def _rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Touched ``(sample, vocab)`` pairs ``[U]``, ``[U]`` and their rows ``[K, U, E]``."""
+        n, s = self.idx.shape
+        sample = torch.arange(n, device=self.idx.device).repeat_interleave(s)
+        vocab = self.idx.reshape(-1)
+        g = self.g.reshape(self.k, n * s, -1)
+        if self.padding_idx is not None:
+            keep = vocab != self.padding_idx
+            sample, vocab, g = sample[keep], vocab[keep], g[:, keep]
+        key = sample * self.num_embeddings + vocab
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        rows = g.new_zeros(self.k, uniq.numel(), g.shape[2]).index_add_(1, inverse, g)
+        return uniq // self.num_embeddings, uniq % self.num_embeddings, rows
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        sample, vocab, rows = self._rows()
+        dense = rows.new_zeros(self.k, self.n, *self.shape)
+        dense[:, sample, vocab] = rows
+        return dense
+
+    def to_affine(self) -> ColumnAffineFactor:
+        """The same gradients in affine form: ``b = onehot(idx)`` (shared), ``a = g``."""
+        onehot = torch.nn.functional.one_hot(self.idx, self.num_embeddings).to(self.g.dtype)
+        if self.padding_idx is not None:
+            onehot[..., self.padding_idx] = 0
+        return ColumnAffineFactor(self.g.unsqueeze(2), onehot[None, :, None], self.shape)
+
+    def sum_of_squares(self, weights: Tensor | None = None) -> Tensor:  # noqa: D102
+        _check_weights(weights, self.k, self.n)
+        sample, vocab, rows = self._rows()
+        sq = rows.square()
+        if weights is not None:
+            sq = sq * weights.to(sq.dtype)[:, sample, None]
+        return rows.new_zeros(self.shape).index_add_(0, vocab, sq.sum(0))
+
+
+def combine_columns(factors: Sequence[ColumnFactor]) -> ColumnFactor:
+    """Merge the column factors of several uses of one parameter (per-column sums).
+
+    Like :func:`combine`: affine and embedding forms concatenate along S, so the squares
+    of the summed gradients are exact; anything else is materialized and added.
+    """
+    if len(factors) == 1:
+        return factors[0]
+    if len({f.k for f in factors}) != 1:
+        raise ValueError("combine_columns: factors have different column counts")
+    if all(isinstance(f, ColumnEmbeddingFactor) for f in factors):
+        first = factors[0]
+        assert isinstance(first, ColumnEmbeddingFactor)
+        if all(
+            f.num_embeddings == first.num_embeddings and f.padding_idx == first.padding_idx
+            for f in factors  # type: ignore[attr-defined]
+        ):
+            return ColumnEmbeddingFactor(
+                torch.cat([f.idx for f in factors], 1),  # type: ignore[attr-defined]
+                torch.cat([f.g for f in factors], 2),  # type: ignore[attr-defined]
+                first.num_embeddings,
+                first.padding_idx,
+            )
+    if all(isinstance(f, (ColumnAffineFactor, ColumnEmbeddingFactor)) for f in factors):
+        affine = [f.to_affine() if isinstance(f, ColumnEmbeddingFactor) else f for f in factors]
+        if len({(f.groups, f._dims) for f in affine}) == 1:  # type: ignore[attr-defined]
+            k = factors[0].k
+
+            def cat(parts: list[Tensor]) -> Tensor:
+                if all(p.shape[0] == 1 for p in parts):
+                    return torch.cat(parts, 3)
+                return torch.cat([p.expand(k, *p.shape[1:]) for p in parts], 3)
+
+            return ColumnAffineFactor(
+                cat([f.a for f in affine]),  # type: ignore[attr-defined]
+                cat([f.b for f in affine]),  # type: ignore[attr-defined]
+                affine[0].shape,
+            )
+    total = factors[0].to_dense().clone()
+    for f in factors[1:]:
+        total += f.to_dense()
+    return ColumnDenseFactor(total)

@@ -33,6 +33,9 @@ __all__ = [
     "IndividualGradients",
     "Hist1D",
     "Hist2D",
+    "DiagGGN",
+    "DiagHessian",
+    "CURVATURE",
     "FIRST_ORDER",
     "Gathered",
     "variance",
@@ -44,7 +47,8 @@ class Quantity:
     """Base class of all quantity keys."""
 
     #: How per-parameter results combine into the model-wide total:
-    #: ``"sum"`` (add tensors of equal shape) or ``None`` (no model-wide total).
+    #: ``"sum"`` (add tensors of equal shape), ``"trace"`` (sum of all entries, for
+    #: diagonals) or ``None`` (no model-wide total).
     total_mode = "sum"
 
 
@@ -156,6 +160,71 @@ def _edges(bins: int, rng: tuple[float, float]) -> Tensor:
     return torch.from_numpy(np.linspace(rng[0], rng[1], bins + 1))
 
 
+@dataclass(frozen=True)
+class DiagGGN(Quantity):
+    """Diagonal of the generalized Gauss-Newton matrix of the batch loss; per parameter ``[*P]``.
+
+    ``GGN = Σ_n J_nᵀ (∂²L/∂f_n²) J_n`` with ``J_n`` the Jacobian of sample n's model
+    output (the loss module's input) w.r.t. the parameters and ``L`` the *batch* loss
+    the loss module returns, normalization included: under ``reduction="mean"`` this is
+    the GGN of ``L = (1/N) Σ_n l_n`` (the curvature TIC and the Hessian trace use), under
+    ``"sum"`` that of ``Σ_n l_n``. Unlike the first-order quantities it is *not* rescaled
+    to individual losses. The model-wide total (:meth:`Gathered.total`) is the trace.
+
+    Args:
+        mc_samples: 0 for the exact diagonal (backpropagates all K columns of the
+            loss-Hessian square root, e.g. K = C classes for cross-entropy); M > 0 for the
+            unbiased Monte-Carlo estimate from M sampled columns, drawn with the
+            engine's generator (see ``Engine(seed=...)``).
+    """
+
+    mc_samples: int = 0
+    total_mode = "trace"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mc_samples, bool) or int(self.mc_samples) != self.mc_samples:
+            raise ValueError(f"DiagGGN: mc_samples must be an integer, got {self.mc_samples!r}")
+        if self.mc_samples < 0:
+            raise ValueError(f"DiagGGN: mc_samples must be >= 0, got {self.mc_samples}")
+
+
+@dataclass(frozen=True)
+class DiagHessian(Quantity):
+    """Diagonal of the Hessian of the batch loss ``L``; per parameter ``[*P]``.
+
+    Exact when the engine can prove it: the diagonal GGN plus the residual terms of the
+    elementwise activation *modules* (``nn.Tanh``, ``nn.Sigmoid``, ``nn.GELU``, ...),
+    which is the whole Hessian diagonal when every other operation between the
+    parameters and the loss is linear, piecewise linear, or bilinear in operands that
+    depend on disjoint parameters (see :mod:`cockpit.curvature`). Otherwise (LayerNorm,
+    attention, a functional ``torch.tanh``, a weight used twice, ...) or when the
+    residual terms would exceed ``residual_budget``, the engine warns, naming the
+    reason, and returns the Hutchinson estimate ``(1/K) Σ_k v_k ⊙ H v_k`` with K =
+    ``probes`` Rademacher probes (Hessian-vector products on a re-evaluation of the
+    loss, see :class:`cockpit.linops.HessianOperator`). ``Gathered.exact[key]`` says
+    which one was returned. Scaling as for :class:`DiagGGN`.
+
+    Args:
+        probes: Number of Hutchinson probes of the fallback.
+        residual_budget: Largest number of tensor elements the exact residual terms may
+            produce in total (columns × layer-output elements, summed over the
+            activation calls), a proxy for their cost; beyond it the fallback is used.
+    """
+
+    probes: int = 64
+    residual_budget: int = 1 << 30
+    total_mode = "trace"
+
+    def __post_init__(self) -> None:
+        if int(self.probes) != self.probes or self.probes < 1:
+            raise ValueError(f"DiagHessian: probes must be a positive integer, got {self.probes!r}")
+        if int(self.residual_budget) != self.residual_budget or self.residual_budget < 0:
+            raise ValueError(
+                f"DiagHessian: residual_budget must be a non-negative integer, "
+                f"got {self.residual_budget!r}"
+            )
+
+
 def _check_bins(what: str, bins: int, rng: tuple[float, float]) -> None:
     if int(bins) != bins or bins < 1:
         raise ValueError(f"{what}: bins must be a positive integer, got {bins!r}")
@@ -166,6 +235,8 @@ def _check_bins(what: str, bins: int, rng: tuple[float, float]) -> None:
 
 #: The first-order quantities that need no configuration.
 FIRST_ORDER = (BatchL2(), BatchDot(), SecondMoment(), GradDot())
+#: The curvature quantity types (gathered by :mod:`cockpit.curvature`).
+CURVATURE = (DiagGGN, DiagHessian)
 
 
 @dataclass
@@ -176,11 +247,18 @@ class Gathered:
         batch_size: N.
         reduction: ``"mean"`` or ``"sum"``, the loss reduction the scaling assumed.
         per_param: ``{quantity: {parameter name: tensor}}``.
+        exact: For curvature quantities, whether the value is exact (False: an
+            estimate, e.g. Monte-Carlo or the Hutchinson fallback of
+            :class:`DiagHessian`).
+        notes: For curvature quantities, how the value was obtained (and why a
+            fallback was needed).
     """
 
     batch_size: int
     reduction: str
     per_param: dict[Quantity, dict[str, Tensor]] = field(default_factory=dict)
+    exact: dict[Quantity, bool] = field(default_factory=dict)
+    notes: dict[Quantity, str] = field(default_factory=dict)
 
     def __getitem__(self, quantity: Quantity) -> dict[str, Tensor]:
         """Return ``{parameter name: tensor}`` for a gathered quantity."""
@@ -195,17 +273,19 @@ class Gathered:
         return quantity in self.per_param
 
     def total(self, quantity: Quantity) -> Tensor:
-        """Model-wide value: the sum over parameter tensors.
+        """Model-wide value: the sum over parameter tensors (the trace for diagonals).
 
         Raises:
             ValueError: For quantities without a model-wide total (second moment,
                 individual gradients), whose per-parameter shapes differ.
         """
-        if quantity.total_mode != "sum":
+        if quantity.total_mode not in ("sum", "trace"):
             raise ValueError(f"{quantity!r} has no model-wide total; use per-parameter values")
         values = list(self[quantity].values())
         if not values:
             raise ValueError(f"{quantity!r}: no parameter contributed to this backward pass")
+        if quantity.total_mode == "trace":
+            return torch.stack([v.sum() for v in values]).sum()
         out = values[0].clone()
         for v in values[1:]:
             out += v
