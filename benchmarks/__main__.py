@@ -1,0 +1,101 @@
+"""``python -m benchmarks [engine|reference|all] [--quick] [--device cpu|cuda]``.
+
+- ``engine``: our engine's configurations and the torch.func baseline on workloads A/B/C;
+  writes ``benchmarks/results/engine.json`` and ``engine.md``.
+- ``reference``: BackPACK and Opacus in ``.bench-venv`` (built on first use, see
+  :mod:`benchmarks.reference_env`); writes ``reference.json`` / ``reference.md`` and
+  re-renders ``engine.md`` with the measured references beside ours.
+- ``all``: both.
+
+``--quick`` is a smoke test (small N, 3 repetitions, one timing process, memory only
+for the plain step and all first-order quantities on B); its results go to a temporary
+directory unless ``--out`` is given, so the committed results are never overwritten
+by smoke-test numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import Options
+from benchmarks.workloads import WORKLOADS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "target", nargs="?", default="engine", choices=["engine", "reference", "all"]
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke test: small N, few reps")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--reps", type=int, help="interleaved repetitions (default 10; quick 3)")
+    parser.add_argument("--workloads", help="comma-separated subset of A,B,C")
+    parser.add_argument(
+        "--configs", help="comma-separated configuration names (merged into existing results)"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
+    parser.add_argument("--mem-cap-gib", type=float, help="per-process memory cap (default 8)")
+    parser.add_argument("--out", type=Path, help="results directory")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available")
+    opts = Options.for_mode(
+        args.quick,
+        device=args.device,
+        reps=args.reps,
+        mem_cap_gib=args.mem_cap_gib,
+        memory=False if args.no_memory else None,
+    )
+    workloads = _csv(args.workloads) or list(WORKLOADS)
+    for w in workloads:
+        if w not in WORKLOADS:
+            parser.error(f"unknown workload {w!r}; choose from {sorted(WORKLOADS)}")
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="cockpit-bench-quick-")) if args.quick else RESULTS
+    )
+    names = _csv(args.configs)
+    t0 = time.perf_counter()
+    if args.target in ("engine", "all"):
+        from benchmarks import bench_engine
+
+        bad = [n for n in names or () if n not in bench_engine.CONFIGS]
+        if bad and args.target == "engine":
+            parser.error(f"unknown configurations {bad}; known: {sorted(bench_engine.CONFIGS)}")
+        chosen = [n for n in names if n in bench_engine.CONFIGS] if names else None
+        if not names or chosen:
+            bench_engine.run(opts, workloads, chosen, out)
+    if args.target in ("reference", "all"):
+        from benchmarks import bench_reference
+
+        chosen = [n for n in names if n in bench_reference.CONFIGS] if names else None
+        if names and not chosen and args.target == "reference":
+            parser.error(
+                f"unknown configurations {names}; known: {sorted(bench_reference.CONFIGS)}"
+            )
+        if not names or chosen:
+            bench_reference.run(opts, workloads, chosen, out)
+    for md in ("engine.md", "reference.md"):
+        if (out / md).exists() and (args.target != "engine" or md == "engine.md"):
+            print("\n" + (out / md).read_text())
+    print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
