@@ -64,10 +64,11 @@ def _stable_listing(table_dir: Path, start: int = 0) -> tuple[list[Segment], lis
     gap that persists (a deleted segment) is accepted with a warning.
 
     Returns:
-        ``(visible, all)``: the segments to read, and every segment file listed.
+        ``(visible, all)``: the segments to read, and every segment file listed
+        (files ending before ``start`` are left out of both).
     """
     for attempt in range(_LISTING_ATTEMPTS):
-        every = schema.list_segments(table_dir)
+        every = schema.list_segments(table_dir, min_hi=start)
         visible = schema.visible_segments(every)
         gaps = schema.find_gaps(visible, start)
         if not gaps:

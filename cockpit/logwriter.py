@@ -13,9 +13,11 @@ therefore holds whole steps, and segments hit the disk in order, so a crash
 leaves a prefix of steps with no gaps or duplicates. It loses the rows still
 buffered (at most one flush interval: ``flush_every_steps`` steps or
 ``flush_every_seconds``, plus the step in progress) and the batches the
-background thread has not written yet (none while the disk keeps up; at most
-``max_queue + 1`` when it does not). A value that belongs to an earlier step
-(e.g. alpha for step t, known only after step t + 1) goes into a later segment.
+background thread has not written yet: none while the disk keeps up; when it
+lags, up to ``max_queue`` batches being written (the thread writes everything
+queued at once) and ``max_queue`` waiting, after which ``add_*`` blocks. A
+value that belongs to an earlier step (e.g. alpha for step t, known only after
+step t + 1) goes into a later segment.
 
 Typical use::
 
@@ -23,6 +25,10 @@ Typical use::
         for step in range(steps):
             ...
             log.add_scalars(step, [("loss", "loss", "all", loss.item())])
+
+Every ``compact_every`` segments of a table, the background thread merges the
+new segments into one file (see :func:`compact`), so a long run is not left as
+thousands of small files; readers never see a row missing or twice meanwhile.
 
 Open writers are flushed and closed when they are garbage collected and at
 interpreter exit (so a ``KeyboardInterrupt`` in the training loop loses no
@@ -204,12 +210,18 @@ def _lock_is_stale(info: dict[str, Any]) -> bool:
     return not _pid_alive(pid, float(since) if isinstance(since, (int, float)) else None)
 
 
-def _acquire_lock(path: Path, what: str) -> None:
+def _acquire_lock(path: Path, what: str, wait: float = 0.0) -> None:
     """Create the lock file ``path`` with O_EXCL; take over a stale lock with a warning.
 
+    Args:
+        path: The lock file.
+        what: What holds such a lock, for the error message.
+        wait: Seconds to wait for a live holder to release it.
+
     Raises:
-        LockError: If a live process holds the lock.
+        LockError: If a live process holds the lock (after ``wait`` seconds).
     """
+    give_up = time.monotonic() + wait
     content = _json_bytes(
         {"pid": os.getpid(), "hostname": socket.gethostname(), "start_time": time.time()}
     )
@@ -237,6 +249,9 @@ def _acquire_lock(path: Path, what: str) -> None:
                 time.sleep(0.01)
                 continue
         elif not _lock_is_stale(info):
+            if time.monotonic() < give_up:
+                time.sleep(0.005)
+                continue
             raise LockError(
                 f"{path.parent} is already open in {what} of process {info.get('pid')} "
                 f"on {info.get('hostname')} (lock file {path}); close it first, or remove "
@@ -363,11 +378,20 @@ class _Worker:
     """State shared by the writer, its finalizer and the background thread."""
 
     def __init__(
-        self, run_dir: Path, next_segment: dict[str, int], max_queue: int, strict: bool
+        self,
+        run_dir: Path,
+        next_segment: dict[str, int],
+        max_queue: int,
+        strict: bool,
+        compact_every: int | None,
     ) -> None:
         self.run_dir = run_dir
         self.strict = strict
         self.next_segment = next_segment
+        self.compact_every = compact_every
+        # Only segments this writer wrote are compacted in the background.
+        self.compact_from = dict(next_segment)
+        self.compaction_warned = False
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
         self.warned = False
@@ -397,10 +421,15 @@ class _Worker:
                     flushes.append(item)
                 else:
                     merged.extend(item)
-            if len(merged):
-                self.write(merged)
-            for item in flushes:
-                item.done.set()
+            try:
+                if len(merged):
+                    self.write(merged)
+                    self.maybe_compact()
+            except BaseException as exc:  # noqa: BLE001 - the thread must keep serving flushes
+                self.fail(self.run_dir, exc, len(merged))
+            finally:
+                for item in flushes:
+                    item.done.set()
 
     def write(self, batch: _Batch) -> None:
         for table_name in TABLES:
@@ -418,6 +447,37 @@ class _Worker:
             self.next_segment[table_name] = number + 1
             if table_name != "events":
                 self.steps_written.update(row[0] for row in rows)
+
+    def maybe_compact(self) -> None:
+        """Merge every ``compact_every`` new segments of a table into one file."""
+        if not self.compact_every:
+            return
+        for table_name in TABLES:
+            first, end = self.compact_from[table_name], self.next_segment[table_name]
+            if end - first < self.compact_every:
+                continue
+            lock_path = self.run_dir / COMPACT_LOCK_FILE
+            try:
+                _acquire_lock(lock_path, "a compaction")
+            except LockError:
+                continue  # someone else compacts right now: try again after the next segment
+            except OSError:
+                pass  # cannot even create the lock file: leave the segments alone
+            else:
+                try:
+                    _compact_table(self.run_dir, table_name, first, end - 1)
+                except Exception as exc:  # noqa: BLE001 - the segments stay as they are
+                    if not self.compaction_warned:
+                        self.compaction_warned = True
+                        warnings.warn(
+                            f"cockpit log: background compaction of {self.run_dir / table_name} "
+                            f"failed ({exc!r}); its segments are left as they are",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                finally:
+                    _unlink_quietly(lock_path)
+            self.compact_from[table_name] = end
 
     def fail(self, path: Path, exc: BaseException, n_rows: int) -> None:
         self.rows_dropped += n_rows
@@ -538,6 +598,9 @@ class LogWriter:
         strict: Re-raise background write failures in the caller thread at the
             next ``add_*``, ``flush`` or ``close`` (as :class:`LogWriteError`)
             instead of warning once and counting dropped rows.
+        compact_every: The background thread merges every this many new
+            segments of a table into one ``part-LO-HI.parquet`` (see
+            :func:`compact`), so a long run stays quick to read; None: never.
 
     Raises:
         NotADirectoryError: If the log root or the run directory is a file.
@@ -560,6 +623,7 @@ class LogWriter:
         flush_every_seconds: float = 5.0,
         max_queue: int = 64,
         strict: bool = False,
+        compact_every: int | None = 100,
     ) -> None:
         if flush_every_steps < 1:
             raise ValueError(f"flush_every_steps must be >= 1, got {flush_every_steps}")
@@ -567,6 +631,8 @@ class LogWriter:
             raise ValueError(f"flush_every_seconds must be > 0, got {flush_every_seconds}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if compact_every is not None and compact_every < 2:
+            raise ValueError(f"compact_every must be >= 2 or None, got {compact_every}")
         self._flush_every_steps = int(flush_every_steps)
         self._flush_every_seconds = float(flush_every_seconds)
         self._strict = bool(strict)
@@ -599,7 +665,7 @@ class LogWriter:
             raise
 
         self._buffer = _Buffer()
-        self._worker = _Worker(run_dir, next_segment, int(max_queue), self._strict)
+        self._worker = _Worker(run_dir, next_segment, int(max_queue), self._strict, compact_every)
         self._worker.thread.start()
         # Called by close(), on garbage collection and at interpreter exit.
         self._finalizer = weakref.finalize(
@@ -848,31 +914,34 @@ def _prepare_run_dir(run_dir: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
-def compact(run_dir: str | os.PathLike, table: str | None = None) -> dict[str, int]:
+def compact(
+    run_dir: str | os.PathLike, table: str | None = None, *, wait: float = 30.0
+) -> dict[str, int]:
     """Merge the segments of a run into one file per table (safe on live runs).
 
     For each table, the segments visible when compaction starts are merged in
     order into ``part-LO-HI.parquet``: written to a temp file, fsynced and
-    renamed into place (from then on readers ignore the single segments inside
-    the range), then the single segments are deleted. Segments the live writer
-    adds meanwhile have higher numbers and are left alone. Each run of
-    consecutive segment numbers is merged separately, so a missing segment is
-    never papered over. Unreadable segments are skipped with a warning and kept
-    as hidden ``.part-NNNNNN.parquet.corrupt`` files.
+    renamed into place (from then on readers ignore the files inside the
+    range), then the merged files are deleted. Segments the live writer adds
+    meanwhile have higher numbers and are left alone. Each run of consecutive
+    segment numbers is merged separately, so a missing segment is never papered
+    over. Unreadable segments are skipped with a warning and kept as hidden
+    ``.part-NNNNNN.parquet.corrupt`` files. Superseded files left behind by an
+    interrupted compaction are deleted.
 
     Args:
         run_dir: The run directory.
         table: One of ``"scalars"``, ``"histograms"``, ``"events"``; all by default.
+        wait: Seconds to wait while another compaction of the run (e.g. a
+            writer's background compaction) is running.
 
     Returns:
-        Per table, how many files were merged away (0 when there was nothing to do).
+        Per table, how many files were merged (0 when there was nothing to do).
 
     Raises:
         FileNotFoundError: If ``run_dir`` is not a run directory.
-        LockError: If another compaction of this run is running.
+        LockError: If another compaction still holds the run after ``wait`` seconds.
     """
-    from cockpit.logreader import _read_segment_file, _stable_listing
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(errno.ENOENT, "no such run directory", str(run_dir))
@@ -881,25 +950,33 @@ def compact(run_dir: str | os.PathLike, table: str | None = None) -> dict[str, i
         if name not in TABLES:
             raise ValueError(f"unknown table {name!r}; expected one of {TABLES}")
     lock_path = run_dir / COMPACT_LOCK_FILE
-    _acquire_lock(lock_path, "a compaction")
-    merged: dict[str, int] = {}
+    _acquire_lock(lock_path, "a compaction", wait=wait)
     try:
-        for name in tables:
-            table_dir = run_dir / name
-            segments, all_segments = _stable_listing(table_dir)
-            visible = set(segments)
-            # Leftovers of an interrupted compaction: already superseded, never read.
-            for seg in all_segments:
-                if seg not in visible:
-                    _unlink_quietly(seg.path)
-            count = 0
-            for run in _consecutive_runs(segments):
-                if len(run) > 1:
-                    count += _compact_run(name, table_dir, run, _read_segment_file)
-            merged[name] = count
+        return {name: _compact_table(run_dir, name, cleanup=True) for name in tables}
     finally:
         _unlink_quietly(lock_path)
-    return merged
+
+
+def _compact_table(
+    run_dir: Path, name: str, lo: int = 0, hi: int | None = None, cleanup: bool = False
+) -> int:
+    """Merge the visible segments inside ``lo..hi`` (caller holds the compaction lock)."""
+    from cockpit.logreader import _read_segment_file, _stable_listing
+
+    table_dir = run_dir / name
+    segments, all_segments = _stable_listing(table_dir)
+    if cleanup:
+        # Leftovers of an interrupted compaction: already superseded, never read.
+        visible = set(segments)
+        for seg in all_segments:
+            if seg not in visible:
+                _unlink_quietly(seg.path)
+    chosen = [s for s in segments if s.lo >= lo and (hi is None or s.hi <= hi)]
+    count = 0
+    for run in _consecutive_runs(chosen):
+        if len(run) > 1:
+            count += _compact_run(name, table_dir, run, _read_segment_file)
+    return count
 
 
 def _consecutive_runs(segments: list[Segment]) -> list[list[Segment]]:

@@ -99,9 +99,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -308,29 +307,36 @@ def parse_segment_name(name: str) -> tuple[int, int] | None:
     return lo, hi
 
 
-@dataclass(frozen=True, order=True)
-class Segment:
+class Segment(NamedTuple):
     """One segment file on disk covering segment numbers ``lo..hi`` (inclusive)."""
 
     lo: int
     hi: int
-    path: Path
+    name: str
+    directory: Path
+
+    @property
+    def path(self) -> Path:
+        """The file's path."""
+        return self.directory / self.name
 
     @property
     def compacted(self) -> bool:
         """Whether the file was produced by compaction (its name holds a range)."""
-        return self.path.name.count("-") == 2
+        return self.name.count("-") == 2
 
 
-def list_segments(table_dir: str | os.PathLike) -> list[Segment]:
+def list_segments(table_dir: str | os.PathLike, min_hi: int = 0) -> list[Segment]:
     """List the segment files in a table directory (one directory listing).
 
     Args:
         table_dir: e.g. ``run_dir / "scalars"``.
+        min_hi: Leave out files whose range ends before this segment number
+            (they cannot supersede the files that are kept).
 
     Returns:
-        Every segment file, superseded ones included, sorted by ``(lo, -hi)``;
-        an empty list when the directory does not exist.
+        Every segment file with ``hi >= min_hi``, superseded ones included,
+        sorted by ``(lo, -hi)``; an empty list when the directory does not exist.
     """
     table_dir = Path(table_dir)
     try:
@@ -338,10 +344,15 @@ def list_segments(table_dir: str | os.PathLike) -> list[Segment]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     segments = []
+    match = _SEGMENT_RE.match
     for name in names:
-        span = parse_segment_name(name)
-        if span is not None:
-            segments.append(Segment(span[0], span[1], table_dir / name))
+        found = match(name)
+        if found is None:
+            continue
+        lo = int(found.group(1))
+        hi = int(found.group(2)) if found.group(2) is not None else lo
+        if hi >= lo and hi >= min_hi:
+            segments.append(Segment(lo, hi, name, table_dir))
     segments.sort(key=lambda s: (s.lo, -s.hi))
     return segments
 

@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--flush-steps", type=int, default=5)
     parser.add_argument("--flush-seconds", type=float, default=30.0)
     parser.add_argument("--max-queue", type=int, default=1)
+    parser.add_argument("--compact-every", type=int, default=8)
     parser.add_argument("--sleep", type=float, default=0.001, help="extra seconds per step")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -50,6 +51,7 @@ def main() -> None:
         flush_every_steps=args.flush_steps,
         flush_every_seconds=args.flush_seconds,
         max_queue=args.max_queue,
+        compact_every=args.compact_every,
     ) as log:
         for step in range(args.steps):
             index = torch.randint(0, len(x), (32,))

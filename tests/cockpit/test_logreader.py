@@ -92,7 +92,7 @@ def test_read_log_filters_and_sorting(tmp_path):
 
 def test_same_step_rows_keep_their_order_across_many_segments(tmp_path):
     run = tmp_path / "run"
-    with LogWriter(run) as log:
+    with LogWriter(run, compact_every=None) as log:
         for i in range(120):
             log.add_scalar(0, "user", "x", "all", float(i))
             log.flush()
@@ -352,7 +352,11 @@ def test_compaction_lock(tmp_path):
     owner = {"pid": os.getpid(), "hostname": socket.gethostname(), "start_time": time.time()}
     lock.write_text(json.dumps(owner))
     with pytest.raises(RuntimeError, match="compaction"):
-        compact(run)
+        compact(run, wait=0)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="compaction"):
+        compact(run, wait=0.2)
+    assert time.monotonic() - start >= 0.2
     lock.write_text(json.dumps(dict(owner, pid=_dead_pid())))
     with pytest.warns(RuntimeWarning, match="stale lock"):
         compact(run)
@@ -375,15 +379,16 @@ def test_readers_during_repeated_compaction_of_a_live_run(tmp_path):
         ("grad_norm", "grad_norm", "a"),
         ("grad_norm", "grad_norm", "b"),
     ]
-    steps = 1000
-    writer = LogWriter(run, flush_every_steps=3, flush_every_seconds=3600)
+    steps = 3000
+    # The writer compacts in the background too, racing with compact() below.
+    writer = LogWriter(run, flush_every_steps=3, flush_every_seconds=3600, compact_every=10)
     writing_done = threading.Event()
     stop = threading.Event()
     failures = []
     reads = {"log": 0, "tail": 0}
     tail_frames = []
 
-    progress = {"compactions": 0}
+    progress = {"compactions": 0, "merged": 0}
 
     def wait_for_the_others():
         # Interleave for sure: let every other thread make progress between stretches of writing.
@@ -434,8 +439,8 @@ def test_readers_during_repeated_compaction_of_a_live_run(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no reader may ever see a hole
         while not writing_done.is_set():
-            if compact(run, "scalars")["scalars"]:
-                progress["compactions"] += 1
+            progress["merged"] += compact(run, "scalars")["scalars"]
+            progress["compactions"] += 1
             time.sleep(0.002)
         compact(run)
     stop.set()
@@ -446,6 +451,7 @@ def test_readers_during_repeated_compaction_of_a_live_run(tmp_path):
         progress,
         reads,
     )
+    assert progress["merged"] > 0, progress
     final = read_log(run)
     assert _check_snapshot(final, len(rows)) == steps
     tailed = pd.concat(tail_frames, ignore_index=True)

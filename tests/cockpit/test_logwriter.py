@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cockpit.logreader import read_events, read_histograms, read_log, read_meta
+from cockpit.logreader import LogTail, read_events, read_histograms, read_log, read_meta
 from cockpit.logwriter import LockError, LogWriteError, LogWriter, new_run_dir
 from cockpit.schema import (
     HISTOGRAMS_COLUMNS,
@@ -248,6 +248,32 @@ def test_flush_blocks_until_everything_is_on_disk(tmp_path):
         assert len(read_events(run)) == 1
 
 
+def test_background_compaction(tmp_path):
+    run = tmp_path / "run"
+    tail = LogTail(run)
+    tailed = []
+    with LogWriter(run, compact_every=3) as log:
+        for step in range(10):
+            log.add_scalars(step, [("loss", "loss", "all", float(step))])
+            log.flush()
+            tailed.append(tail.read_new())
+    assert _segments(run) == [
+        "part-000000-000002.parquet",
+        "part-000003-000005.parquet",
+        "part-000006-000008.parquet",
+        "part-000009.parquet",
+    ]
+    frame = read_log(run)
+    assert frame["step"].tolist() == list(range(10))
+    pd.testing.assert_frame_equal(pd.concat(tailed, ignore_index=True), frame)
+    # Segments written before this writer opened the run are left to compact().
+    with LogWriter(run, compact_every=2) as log:
+        log.add_scalars(10, [("loss", "loss", "all", 10.0)])
+        log.flush()
+        log.add_scalars(11, [("loss", "loss", "all", 11.0)])
+    assert _segments(run)[-2:] == ["part-000009.parquet", "part-000010-000011.parquet"]
+
+
 def test_close_is_idempotent_and_releases_the_lock(tmp_path):
     log = LogWriter(tmp_path / "run")
     assert (tmp_path / "run" / "LOCK").exists()
@@ -465,7 +491,8 @@ def test_newer_run_in_the_directory(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"flush_every_steps": 0}, {"flush_every_seconds": 0}, {"max_queue": 0}]
+    "kwargs",
+    [{"flush_every_steps": 0}, {"flush_every_seconds": 0}, {"max_queue": 0}, {"compact_every": 1}],
 )
 def test_invalid_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
