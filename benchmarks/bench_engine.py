@@ -226,7 +226,7 @@ def run(
     workloads = list(workloads)
     chosen = [CONFIGS[n] for n in (names or CONFIGS)]
     log(f"engine benchmark: {len(chosen)} configurations on {workloads} ({_mode(opts)})")
-    suite = run_suite(chosen, workloads, opts, launcher(), log).to_json()
+    suite = run_suite(chosen, workloads, opts, launcher(), log, _git_meta()).to_json()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "engine.json"
     if names and path.exists():
@@ -238,6 +238,18 @@ def run(
     write_markdown(out_dir)
     log(f"wrote {path} and {out_dir / 'engine.md'}")
     return suite
+
+
+def _git_meta() -> dict:
+    """The commit measured, and whether the engine's sources differ from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    dirty = git("status", "--porcelain", "--", "cockpit")
+    return {"git_commit": git("rev-parse", "--short", "HEAD") or None, "cockpit_dirty": bool(dirty)}
 
 
 def _mode(opts: Options) -> str:
@@ -280,7 +292,8 @@ def render_markdown(engine: dict, reference: dict | None = None) -> str:
         f"`torch.set_num_threads({meta.get('num_threads')})`, torch {meta.get('torch')}, "
         f"device {meta.get('device')}",
         f"- date: {meta.get('date')}; load average at start {_load(meta.get('loadavg_start'))}, "
-        f"at end {_load(meta.get('loadavg_end'))}",
+        f"at end {_load(meta.get('loadavg_end'))}; commit {meta.get('git_commit')}"
+        + (" (with uncommitted changes in cockpit/)" if meta.get("cockpit_dirty") else ""),
         "- workloads: "
         + "; ".join(f"{w} = {WORKLOADS[w].name}, N={_n(engine, w) or WORKLOADS[w].n}" for w in ws),
         "- BackPACK (prior): ratios measured earlier for BackPACK on this class of machine "
@@ -461,8 +474,52 @@ def write_markdown(out_dir: Path = RESULTS) -> Path | None:
     return md
 
 
+# ---------------------------------------------------------------------- profiling
+def profile(name: str, workload: str, steps: int = 3, rows: int = 25) -> str:
+    """Profile ``steps`` steps of a configuration with torch.profiler and cProfile.
+
+    Returns:
+        Two text tables: operators by self CPU time, Python functions by cumulative time.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from benchmarks.harness import NUM_THREADS, _context
+    from benchmarks.workloads import get
+
+    torch.set_num_threads(NUM_THREADS)
+    wl = get(workload)
+    step = CONFIGS[name].setup(_context(wl, wl.model(), Options()))
+    step()  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    ops = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40
+    )
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        step()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(rows)
+    return f"== {name} on {workload} (N={wl.n}), {steps} steps\n{ops}\n{buf.getvalue()}"
+
+
 if __name__ == "__main__":
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "profile":
+        # python -m benchmarks.bench_engine profile CONFIG WORKLOAD [STEPS]
+        print(profile(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:])))
+        sys.exit(0)
     rc = worker_cli(CONFIGS)
     if rc is None:
-        sys.exit("use `python -m benchmarks engine`; this module's CLI is the worker entry point")
+        sys.exit(
+            "usage: python -m benchmarks engine (benchmark) | "
+            "python -m benchmarks.bench_engine profile CONFIG WORKLOAD [STEPS]"
+        )
     sys.exit(rc)

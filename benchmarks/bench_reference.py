@@ -44,7 +44,7 @@ def backpack_config(name: str, label: str, *extensions: str, note: str = "") -> 
     Args:
         name: Result key.
         label: Table label.
-        extensions: Class names in ``backpack.extensions`` (e.g. ``"BatchL2"``).
+        extensions: Class names in ``backpack.extensions`` (e.g. ``"BatchL2Grad"``).
         note: Table footnote.
     """
 
@@ -88,15 +88,15 @@ def opacus_setup(ctx: Context) -> StepFn:
 CONFIGS: dict[str, Config] = {
     c.name: c
     for c in (
-        backpack_config("backpack_batch_l2", "BackPACK BatchL2", "BatchL2"),
+        backpack_config("backpack_batch_l2", "BackPACK BatchL2Grad", "BatchL2Grad"),
         backpack_config("backpack_sum_grad_squared", "BackPACK SumGradSquared", "SumGradSquared"),
         backpack_config("backpack_variance", "BackPACK Variance", "Variance"),
         backpack_config("backpack_batch_grad", "BackPACK BatchGrad", "BatchGrad"),
         backpack_config(
             "backpack_first_order",
-            "BackPACK BatchGrad+BatchL2+SumGradSquared+Variance",
+            "BackPACK BatchGrad+BatchL2Grad+SumGradSquared+Variance",
             "BatchGrad",
-            "BatchL2",
+            "BatchL2Grad",
             "SumGradSquared",
             "Variance",
             note="the four first-order extensions in one backward pass.",
