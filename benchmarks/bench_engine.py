@@ -13,8 +13,12 @@ measurement process.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -206,9 +210,40 @@ TIME_TARGETS = ((SINGLE_QUANTITIES, ("B", "C"), 1.5), (("first_order_all",), ("A
 MEMORY_TARGET = ((*SINGLE_QUANTITIES, "first_order_all"), ("B",), 1.5)
 
 
-def launcher() -> Launcher:
-    """Workers run with this interpreter from the repository root."""
-    return Launcher(sys.executable, "benchmarks.bench_engine", str(ROOT))
+def launcher(src: Path = ROOT) -> Launcher:
+    """Workers run with this interpreter from ``src`` (its ``cockpit`` shadows the editable one)."""
+    return Launcher(sys.executable, "benchmarks.bench_engine", str(src))
+
+
+@contextmanager
+def source_snapshot(use_head: bool = True) -> Iterator[tuple[Path, dict]]:
+    """A frozen copy of ``cockpit/`` and ``benchmarks/`` at ``HEAD`` to run the workers from.
+
+    Others edit the working tree while a long benchmark runs; measuring the committed
+    engine keeps every configuration on the same code and says which code it was.
+    Falls back to the working tree when ``git archive`` is unavailable.
+    """
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or None
+    if use_head and commit:
+        with tempfile.TemporaryDirectory(prefix="cockpit-bench-src-") as tmp:
+            tar = Path(tmp) / "src.tar"
+            proc = subprocess.run(
+                ["git", "archive", "--format=tar", "-o", str(tar), "HEAD", "cockpit", "benchmarks"],
+                cwd=ROOT,
+                capture_output=True,
+            )
+            if proc.returncode == 0:
+                with tarfile.open(tar) as tf:
+                    tf.extractall(tmp, filter="data")
+                yield Path(tmp), {"git_commit": commit, "source": "git archive HEAD"}
+                return
+    dirty = bool(git("status", "--porcelain", "--", "cockpit"))
+    yield ROOT, {"git_commit": commit, "source": "working tree" + (" (dirty)" if dirty else "")}
 
 
 def run(
@@ -226,7 +261,9 @@ def run(
     workloads = list(workloads)
     chosen = [CONFIGS[n] for n in (names or CONFIGS)]
     log(f"engine benchmark: {len(chosen)} configurations on {workloads} ({_mode(opts)})")
-    suite = run_suite(chosen, workloads, opts, launcher(), log, _git_meta()).to_json()
+    with source_snapshot() as (src, meta):
+        log(f"  measuring cockpit/ from {meta['source']} ({meta['git_commit']})")
+        suite = run_suite(chosen, workloads, opts, launcher(src), log, meta).to_json()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "engine.json"
     if names and path.exists():
@@ -238,18 +275,6 @@ def run(
     write_markdown(out_dir)
     log(f"wrote {path} and {out_dir / 'engine.md'}")
     return suite
-
-
-def _git_meta() -> dict:
-    """The commit measured, and whether the engine's sources differ from it."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return proc.stdout.strip() if proc.returncode == 0 else ""
-
-    dirty = git("status", "--porcelain", "--", "cockpit")
-    return {"git_commit": git("rev-parse", "--short", "HEAD") or None, "cockpit_dirty": bool(dirty)}
 
 
 def _mode(opts: Options) -> str:
@@ -292,8 +317,8 @@ def render_markdown(engine: dict, reference: dict | None = None) -> str:
         f"`torch.set_num_threads({meta.get('num_threads')})`, torch {meta.get('torch')}, "
         f"device {meta.get('device')}",
         f"- date: {meta.get('date')}; load average at start {_load(meta.get('loadavg_start'))}, "
-        f"at end {_load(meta.get('loadavg_end'))}; commit {meta.get('git_commit')}"
-        + (" (with uncommitted changes in cockpit/)" if meta.get("cockpit_dirty") else ""),
+        f"at end {_load(meta.get('loadavg_end'))}; engine measured at commit "
+        f"{meta.get('git_commit')} ({meta.get('source', '?')})",
         "- workloads: "
         + "; ".join(f"{w} = {WORKLOADS[w].name}, N={_n(engine, w) or WORKLOADS[w].n}" for w in ws),
         "- BackPACK (prior): ratios measured earlier for BackPACK on this class of machine "
