@@ -1,0 +1,721 @@
+"""Dash callbacks: one interval per client, figures that grow in place.
+
+One server callback (:meth:`Updater.update`) owns every panel. It takes the view (selected
+runs, focus run, smoothing, x axis, layer, log toggles), the tick of the single
+``dcc.Interval`` and the client's ``state`` store, and answers with one of
+
+* a **full build** (first load, or the view changed): every figure from the shared run cache;
+* a **log toggle**: a ``Patch`` that flips the y axes of one line panel (no data sent) or a
+  rebuild of that one heatmap panel;
+* a **tick**: for each panel touched by new rows, an ``extendData`` payload built by
+  :func:`app.figures.extend_lines` / :func:`app.figures.extend_hist_over_time` from the rows
+  after the client's cursor only, or a rebuild of a small snapshot panel (gauges, latest
+  histograms); panels without new rows get ``no_update``. So a refresh costs O(new rows).
+
+The client's ``state`` (cursors per run, each panel's extension state, the view it belongs to)
+is JSON in the browser; the server keeps no per-client data. Dash drops the answer of a request
+that a newer request of the same callback overtook, so a state is never applied twice.
+
+Figures go to the browser with plain lists rather than Plotly's base64 typed arrays:
+``Plotly.extendTraces`` can only extend real arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from dash import ALL, MATCH, Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
+
+from app.data import Cursor, LogCache, RunLog, RunNotFound
+from app.figures import (
+    PanelOptions,
+    build_panel,
+    empty_figure,
+    extend_hist_over_time,
+    extend_lines,
+    figure_csv,
+    run_colors,
+)
+from app.hints import hints
+from app.layout import SINGLE_RUN_KINDS, Panel, panel_reads, panel_tracks
+from app.transforms import hist_history
+
+__all__ = [
+    "MAX_POINTS",
+    "Result",
+    "Updater",
+    "View",
+    "plain_figure",
+    "register_callbacks",
+    "render_status",
+]
+
+_STATE_VERSION = 1
+#: Per-trace point budget of line panels (min/max downsampled beyond it).
+MAX_POINTS = 2000
+#: Rows per bucket handed to the hint rules (they look at the last 200 tracked values).
+_HINT_ROWS = 2000
+_HINT_SCALARS = (
+    "alpha", "distance", "update_size", "norm_test", "inner_test", "ortho_test", "batch_size",
+    "hyperparameters", "hess_max_ev", "loss", "early_stopping",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# View and result
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class View:
+    """What a client asked to see (validated control values).
+
+    Attributes:
+        runs: Selected run ids, in selection order (not yet checked against the root).
+        focus: Run shown by single-run panels (gauges, histograms).
+        smoothing: EMA smoothing in ``[0, 0.99]``.
+        x: ``"step"`` or ``"wall_time"``.
+        layer: Parameter tensor of the per-layer panels.
+        logs: Log toggle per panel name.
+
+    """
+
+    runs: tuple[str, ...] = ()
+    focus: str | None = None
+    smoothing: float = 0.0
+    x: str = "step"
+    layer: str | None = None
+    logs: Mapping[str, bool] = field(default_factory=dict)
+
+    @classmethod
+    def parse(
+        cls,
+        runs: Any,
+        focus: Any,
+        smoothing: Any,
+        x: Any,
+        layer: Any,
+        logs: Mapping[str, Any],
+    ) -> View:
+        """Coerce raw control values (anything a client may send) into a view.
+
+        Returns:
+            The view; malformed values fall back to defaults.
+
+        """
+        if isinstance(runs, str):
+            runs = [runs]
+        if not isinstance(runs, (list, tuple)):
+            runs = []
+        run_ids = tuple(dict.fromkeys(r for r in runs if isinstance(r, str)))
+        if focus not in run_ids:
+            focus = run_ids[0] if run_ids else None
+        try:
+            s = float(smoothing)
+        except (TypeError, ValueError):
+            s = 0.0
+        s = min(max(s if math.isfinite(s) else 0.0, 0.0), 0.99)
+        x = x if x in ("step", "wall_time") else "step"
+        layer = layer if isinstance(layer, str) and layer else None
+        toggles = {str(k): isinstance(v, (list, tuple)) and "log" in v for k, v in logs.items()}
+        return cls(run_ids, focus, s, x, layer, toggles)
+
+    def key(self) -> dict[str, Any]:
+        """JSON form, stored with the figures it produced."""
+        return {
+            "runs": list(self.runs), "focus": self.focus, "smoothing": self.smoothing,
+            "x": self.x, "layer": self.layer, "logs": dict(sorted(self.logs.items())),
+        }
+
+
+@dataclass
+class Result:
+    """What one update sends to the browser (``None``: leave unchanged).
+
+    Attributes:
+        figures: ``{panel name: figure dict or Patch}``.
+        extend: ``{panel name: extendData payload}``.
+        classes: ``{panel name: CSS class of its card}``.
+        state: The client's new state.
+        hints: Children of the hint list.
+        status: Children of the run status line.
+
+    """
+
+    figures: dict[str, Any] = field(default_factory=dict)
+    extend: dict[str, list] = field(default_factory=dict)
+    classes: dict[str, str] = field(default_factory=dict)
+    state: dict[str, Any] | None = None
+    hints: Any = None
+    status: Any = None
+
+
+# --------------------------------------------------------------------------------------------
+# Figure helpers
+# --------------------------------------------------------------------------------------------
+def _plain_trace(trace: Any) -> dict[str, Any]:
+    """A trace as a dict; arrays (Plotly would base64-encode them) become plain lists."""
+    out = trace.to_plotly_json()
+    for key, value in out.items():
+        if isinstance(value, np.ndarray) or (isinstance(value, dict) and "bdata" in value):
+            out[key] = np.asarray(trace[key]).tolist()  # NaN becomes null in Plotly's JSON
+    return out
+
+
+def plain_figure(fig: go.Figure) -> dict[str, Any]:
+    """The figure as a dict whose trace arrays are plain lists (extendable in the browser).
+
+    Args:
+        fig: A figure from :mod:`app.figures`.
+
+    Returns:
+        ``{"data": [...], "layout": {...}}``.
+
+    """
+    layout = fig.layout.to_plotly_json()
+    legend = layout.get("legend")
+    if isinstance(legend, dict) and legend.get("orientation") == "h":
+        # Top-right, clear of the title (which is on the left).
+        layout["legend"] = {**legend, "x": 1.0, "xanchor": "right"}
+    return {"data": [_plain_trace(trace) for trace in fig.data], "layout": layout}
+
+
+def _state_of(fig: go.Figure | dict) -> dict[str, Any]:
+    """Per-panel state: the builder's extension state and the y axes a log toggle flips."""
+    layout = fig["layout"] if isinstance(fig, dict) else fig.layout.to_plotly_json()
+    meta = layout.get("meta")
+    axes = [
+        k for k, v in layout.items()
+        if k.startswith("yaxis") and isinstance(v, dict) and not v.get("overlaying")
+    ]
+    builder = meta.get("builder") if isinstance(meta, dict) else None
+    return {"meta": meta if builder in ("lines", "hist_time") else None, "axes": sorted(axes)}
+
+
+def _card_class(panel: Panel, compact: bool) -> str:
+    wide = " cp-wide" if panel.wide else ""
+    return f"cp-card{wide} cp-compact" if compact else f"cp-card{wide}"
+
+
+def _touches(reads: Sequence[tuple[str, str, str | None]], touched: set[tuple[str, str, str]]):
+    for table, inst, param in reads:
+        for t, i, p in touched:
+            if t == table and i == inst and (param is None or p == param):
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# The update logic (no Dash objects besides Patch/html)
+# --------------------------------------------------------------------------------------------
+class Updater:
+    """Builds and grows the figures of all panels for one client request.
+
+    Args:
+        cache: The shared run cache.
+        panels: The panel catalog (:func:`app.layout.panel_catalog`).
+        max_points: Per-trace point budget of line panels.
+        hint_window: Tracked values each hint rule looks at.
+    """
+
+    def __init__(
+        self,
+        cache: LogCache,
+        panels: Sequence[Panel],
+        max_points: int = MAX_POINTS,
+        hint_window: int = 200,
+    ) -> None:
+        self.cache = cache
+        self.panels = list(panels)
+        self.by_name = {p.name: p for p in self.panels}
+        self.max_points = int(max_points)
+        self.hint_window = int(hint_window)
+
+    # ---------------------------------------------------------------- entry point
+    def update(self, trigger: Any, view: View, state: Mapping[str, Any] | None) -> Result:
+        """Answer one request.
+
+        Args:
+            trigger: ``"tick"``, a log-toggle id ``{"type": "log", "name": ...}``, or anything
+                else (a view change: full build).
+            view: The client's view.
+            state: The client's state store (``None`` on first load).
+
+        Returns:
+            What to send.
+
+        """
+        valid = (
+            isinstance(state, Mapping)
+            and state.get("v") == _STATE_VERSION
+            and isinstance(state.get("panels"), Mapping)
+        )
+        if trigger == "tick" and valid and state.get("view") == view.key():
+            return self.tick(view, state)
+        if isinstance(trigger, Mapping) and trigger.get("type") == "log" and valid:
+            old = dict(state["view"])
+            old["logs"] = view.key()["logs"]
+            if old == view.key():
+                return self.toggle_log(str(trigger.get("name")), view, state)
+        return self.full(view)
+
+    # ---------------------------------------------------------------- data access
+    def _open(self, view: View) -> dict[str, tuple[RunLog, Cursor]]:
+        data = {}
+        for run in view.runs:
+            try:
+                data[run] = self.cache.get(run)
+            except RunNotFound:
+                continue  # refused or deleted: not shown (the run list says why)
+        return data
+
+    def _spec(self, panel: Panel, view: View, n_runs: int):
+        spec = panel.spec
+        if panel.layer:
+            if view.layer is None:
+                return None
+            spec = dataclasses.replace(spec, param=view.layer, title=f"{spec.title} · {view.layer}")
+        if spec.kind in SINGLE_RUN_KINDS and n_runs > 1 and view.focus is not None:
+            spec = dataclasses.replace(spec, title=f"{spec.title} — {view.focus}")
+        return spec
+
+    def _runs_of(self, spec, view: View, data: Mapping[str, Any]) -> list[str]:
+        if spec.kind in SINGLE_RUN_KINDS:
+            return [view.focus] if view.focus in data else []
+        return [r for r in view.runs if r in data]
+
+    def build(
+        self, panel: Panel, view: View, data: Mapping[str, tuple[RunLog, Cursor]]
+    ) -> tuple[go.Figure, bool]:
+        """The figure of one panel from all rows up to each run's snapshot cursor.
+
+        Returns:
+            ``(figure, compact)``; ``compact`` when no shown run tracks the panel's instrument
+            and none has rows for it (the card shrinks to its "not tracked" message).
+
+        """
+        spec = self._spec(panel, view, len(data))
+        if spec is None:
+            return empty_figure("pick a parameter tensor above", panel.spec.title), False
+        runs = self._runs_of(spec, view, data)
+        reads = panel_reads(spec)
+        frames: dict[str, dict[str, pd.DataFrame]] = {"scalars": {}, "histograms": {}}
+        for table in frames:
+            keys = [(inst, param) for t, inst, param in reads if t == table]
+            if keys:
+                for run in runs:
+                    log, cursor = data[run]
+                    frames[table][run] = log.frame(table, keys, cursor)
+        tracks = panel_tracks(spec)
+        tracked = not runs or any(
+            data[r][0].tracked is None or bool(data[r][0].tracked & tracks) for r in runs
+        )
+        if not tracked and not any(len(f) for fs in frames.values() for f in fs.values()):
+            return empty_figure("not tracked", spec.title), True
+        options = PanelOptions(
+            smoothing=view.smoothing,
+            x=view.x,  # type: ignore[arg-type]
+            max_points=self.max_points,
+            run=view.focus if spec.kind in SINGLE_RUN_KINDS else None,
+            colors=run_colors(view.runs),
+            tracked=tracked,
+            y_log=view.logs.get(panel.name, spec.y_log),
+        )
+        scalars = frames["scalars"] or {r: None for r in runs}
+        return build_panel(spec, scalars, frames["histograms"], options), False
+
+    def _render(self, panel: Panel, view: View, data: Mapping[str, tuple[RunLog, Cursor]]):
+        """``(figure dict, panel state)`` of a fresh build."""
+        fig, compact = self.build(panel, view, data)
+        plain = plain_figure(fig)
+        return plain, {**_state_of(plain), "compact": compact}
+
+    # ---------------------------------------------------------------- full build
+    def full(self, view: View) -> Result:
+        """Every figure from scratch (first load or a changed view).
+
+        Returns:
+            The result with all figures, a fresh state, hints and status.
+
+        """
+        data = self._open(view)
+        result = Result()
+        states = {}
+        for panel in self.panels:
+            fig, states[panel.name] = self._render(panel, view, data)
+            result.figures[panel.name] = fig
+            result.classes[panel.name] = _card_class(panel, states[panel.name]["compact"])
+        result.state = {
+            "v": _STATE_VERSION,
+            "view": view.key(),
+            "cursors": {run: dict(cursor) for run, (_, cursor) in data.items()},
+            "panels": states,
+        }
+        result.state["status"] = self._status(view, data)
+        result.hints = self._hints(view, data)
+        result.status = render_status(result.state["status"])
+        return result
+
+    # ---------------------------------------------------------------- log toggle
+    def toggle_log(self, name: str, view: View, state: Mapping[str, Any]) -> Result:
+        """Flip one panel's y scale: a Patch of its axes (line panels) or a rebuild.
+
+        Returns:
+            The result for that one panel.
+
+        """
+        panel = self.by_name.get(name)
+        result = Result(state=dict(state))
+        result.state["view"] = view.key()
+        if panel is None:
+            return result
+        panel_state = state["panels"].get(name) or {}
+        meta = panel_state.get("meta")
+        if isinstance(meta, Mapping) and meta.get("builder") == "lines" and not meta.get("empty"):
+            on = view.logs.get(name, False)
+            patch = Patch()
+            for axis in panel_state.get("axes", []):
+                patch["layout"][axis]["type"] = "log" if on else "linear"
+                patch["layout"][axis]["autorange"] = True
+            result.figures[name] = patch
+            return result
+        cursors = state.get("cursors", {})
+        data = {
+            run: (log, Cursor(**cursors[run]))
+            for run, (log, _) in self._open(view).items()
+            if run in cursors and cursors[run].get("epoch") == log.epoch
+        }
+        fig, new_state = self._render(panel, view, data)
+        result.figures[name] = fig
+        result.state["panels"] = {**state["panels"], name: new_state}
+        if new_state["compact"] != panel_state.get("compact"):
+            result.classes[name] = _card_class(panel, new_state["compact"])
+        return result
+
+    # ---------------------------------------------------------------- tick
+    def tick(self, view: View, state: Mapping[str, Any]) -> Result:
+        """Grow the figures by the rows written since the client's cursors.
+
+        Returns:
+            extendData payloads, rebuilt small panels, the advanced state; nothing when
+            nothing is new.
+
+        """
+        data = self._open(view)
+        cursors = state.get("cursors", {})
+        if set(data) != set(cursors) or any(
+            cursors[r].get("epoch") != data[r][1]["epoch"] for r in data
+        ):
+            return self.full(view)  # a run was deleted, replaced or appeared
+        touched: dict[str, set[tuple[str, str, str]]] = {}
+        for run, (log, cursor) in data.items():
+            old = cursors[run]
+            if any(cursor[t] != old[t] for t in ("scalars", "histograms")):
+                touched[run] = log.touched(Cursor(**old), cursor)
+        result = Result()
+        status = self._status(view, data)
+        if not touched:
+            if status != state.get("status"):
+                result.status = render_status(status)
+                result.state = {**state, "status": status}
+            return result
+        panels_state = dict(state["panels"])
+        for panel in self.panels:
+            spec = self._spec(panel, view, len(data))
+            if spec is None:
+                continue
+            runs = [r for r in self._runs_of(spec, view, data) if r in touched]
+            reads = panel_reads(spec)
+            if not any(_touches(reads, touched[r]) for r in runs):
+                continue
+            pstate = panels_state.get(panel.name) or {}
+            meta = pstate.get("meta")
+            builder = meta.get("builder") if isinstance(meta, Mapping) else None
+            payload, new_meta = None, None
+            if builder == "lines":
+                keys = [(i, p) for t, i, p in reads if t == "scalars"]
+                new = {
+                    r: data[r][0].new_rows("scalars", Cursor(**cursors[r]), data[r][1], keys)
+                    for r in runs
+                }
+                payload, new_meta = extend_lines(new, meta)
+            elif builder == "hist_time":
+                run = runs[0]
+                new = data[run][0].new_rows(
+                    "histograms", Cursor(**cursors[run]), data[run][1],
+                    [(spec.instrument, spec.param)],
+                )
+                steps, counts, _ = hist_history(new, spec.instrument, spec.param)
+                payload, new_meta = extend_hist_over_time(steps, counts, meta)
+            if new_meta is not None and not new_meta.get("redraw"):
+                panels_state[panel.name] = {**pstate, "meta": new_meta}
+                if payload is not None:
+                    result.extend[panel.name] = list(payload)
+                continue
+            fig, panels_state[panel.name] = self._render(panel, view, data)
+            result.figures[panel.name] = fig
+            if panels_state[panel.name]["compact"] != pstate.get("compact"):
+                result.classes[panel.name] = _card_class(panel, panels_state[panel.name]["compact"])
+        result.state = {
+            **state,
+            "cursors": {run: dict(cursor) for run, (_, cursor) in data.items()},
+            "panels": panels_state,
+            "status": status,
+        }
+        if view.focus in touched:
+            result.hints = self._hints(view, data)
+        if status != state.get("status"):
+            result.status = render_status(status)
+        return result
+
+    # ---------------------------------------------------------------- hints and status
+    def _hints(self, view: View, data: Mapping[str, tuple[RunLog, Cursor]]) -> list:
+        if view.focus not in data:
+            return [html.Div("Select a run to get hints.", className="cp-hint-empty")]
+        log, cursor = data[view.focus]
+        scalars = log.tail("scalars", [(i, "all") for i in _HINT_SCALARS], _HINT_ROWS, cursor)
+        hists = log.tail("histograms", [("grad_hist_1d", None), ("grad_hist_2d", None)], 1, cursor)
+        found = hints(scalars, window=self.hint_window, hists=hists)
+        if not found:
+            text = "Nothing unusual in the latest window." if len(scalars) else "No data yet."
+            return [html.Div(text, className="cp-hint-empty")]
+        prefix = f"{view.focus}: " if len(view.runs) > 1 else ""
+        return [
+            html.Div(
+                className=f"cp-hint {h.level}",
+                children=[html.Span(h.instrument, className="cp-hint-tag"), prefix + h.text],
+                **{"data-rule": h.rule},
+            )
+            for h in found
+        ]
+
+    def _status(self, view: View, data: Mapping[str, tuple[RunLog, Cursor]]) -> list[dict]:
+        """JSON description of the status line (compared between ticks, rendered on change)."""
+        colors = run_colors(view.runs)
+        return [
+            {"run": run, "color": colors[run], "status": data[run][0].status(),
+             "step": data[run][0].max_step}
+            for run in view.runs
+            if run in data
+        ]
+
+
+def render_status(items: Sequence[Mapping[str, Any]]) -> list:
+    """The status line: a coloured dot, id, status badge and latest step per shown run.
+
+    Args:
+        items: From :meth:`Updater._status`.
+
+    Returns:
+        Dash components.
+
+    """
+    if not items:
+        return [html.Span("no run selected", className="cp-badge")]
+    return [
+        html.Span(
+            className="cp-run",
+            children=[
+                html.Span(className="cp-dot", style={"background": it["color"]}),
+                html.Span(it["run"]),
+                html.Span(it["status"], className=f"cp-badge {it['status']}"),
+                html.Span("no steps yet" if it["step"] is None else f"step {it['step']}"),
+            ],
+        )
+        for it in items
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Dash wiring
+# --------------------------------------------------------------------------------------------
+_CSV_JS = """
+function(n, id) {
+    const nu = window.dash_clientside.no_update;
+    if (!n) { return nu; }
+    const key = JSON.stringify({name: id.name, type: "panel"});
+    const host = document.getElementById(key);
+    const gd = host && host.querySelector(".js-plotly-plot");
+    if (!gd || !gd.data) { return nu; }
+    const plain = v => (v && typeof v === "object" && !Array.isArray(v) && !("bdata" in v))
+        ? Array.from(v) : v;
+    const traces = gd.data.map(t => {
+        const out = {name: t.name || null, x: plain(t.x), y: plain(t.y)};
+        if (t.z !== undefined) { out.z = Array.isArray(t.z) ? t.z.map(plain) : t.z; }
+        return out;
+    });
+    return {data: traces, clicks: n};
+}
+"""
+
+_LIVE_JS = """
+function(value) { return !(value && value.indexOf("live") >= 0); }
+"""
+
+
+def _run_options(cache: LogCache) -> list[dict[str, str]]:
+    return [
+        {"label": f"{r.run_id} · {r.status}", "value": r.run_id} for r in cache.list_runs()
+    ]
+
+
+def register_callbacks(app: Dash, cache: LogCache, panels: Sequence[Panel]) -> Updater:
+    """Attach the dashboard's callbacks to ``app``.
+
+    Args:
+        app: The Dash app whose layout comes from :func:`app.layout.build_layout`.
+        cache: The shared run cache.
+        panels: The panel catalog used for the layout.
+
+    Returns:
+        The :class:`Updater` behind the main callback.
+
+    """
+    updater = Updater(cache, panels)
+
+    @app.callback(
+        Output("runs", "value"),
+        Output("notice", "children"),
+        Input("url", "search"),
+    )
+    def select_from_url(search: Any) -> tuple[list[str], Any]:
+        """Initial selection: ``?run=a&run=b``, else the newest run."""
+        query = parse_qs(search[1:] if isinstance(search, str) and search else "")
+        wanted = [r for r in query.get("run", []) if r]
+        known = [r.run_id for r in cache.list_runs()]
+        if not wanted:
+            if not known:
+                return [], html.Div(
+                    f"No runs under {cache.root} yet. Start training with "
+                    "Cockpit(..., logdir=ROOT/<run name>); runs appear here by themselves."
+                )
+            return [known[-1]], None
+        chosen, refused = [], []
+        for run in wanted:
+            try:
+                cache.meta(run)
+            except RunNotFound:
+                refused.append(run)
+            else:
+                chosen.append(run)
+        notice = None
+        if refused:
+            notice = html.Div(
+                "Refused: " + ", ".join(repr(r) for r in refused)
+                + f" (not a run directly under {cache.root})."
+            )
+        return chosen, notice
+
+    @app.callback(
+        Output("runs", "options"),
+        Output("runs", "value", allow_duplicate=True),
+        Output("notice", "children", allow_duplicate=True),
+        Input("tick", "n_intervals"),
+        State("runs", "value"),
+        prevent_initial_call=True,
+    )
+    def refresh_run_list(_: Any, selected: Any) -> tuple[Any, Any, Any]:
+        """Keep the run list current; drop selected runs that were deleted."""
+        options = _run_options(cache)
+        known = {o["value"] for o in options}
+        selected = [r for r in (selected or []) if isinstance(r, str)]
+        gone = [r for r in selected if r not in known]
+        if not gone:
+            return options, no_update, no_update
+        notice = html.Div(
+            "Run " + ", ".join(repr(r) for r in gone) + " was deleted; it is no longer shown."
+        )
+        return options, [r for r in selected if r in known], notice
+
+    @app.callback(
+        Output("focus", "options"),
+        Output("focus", "value"),
+        Input("runs", "value"),
+        State("focus", "value"),
+    )
+    def choose_focus(runs: Any, focus: Any) -> tuple[list, Any]:
+        """The focus run is one of the selected runs (the first by default)."""
+        runs = [r for r in (runs or []) if isinstance(r, str)]
+        options = [{"label": f" {r}", "value": r} for r in runs]
+        return options, focus if focus in runs else (runs[0] if runs else None)
+
+    @app.callback(
+        Output("layer", "options"),
+        Output("layer", "value"),
+        Input("focus", "value"),
+        State("layer", "value"),
+    )
+    def choose_layer(focus: Any, layer: Any) -> tuple[list, Any]:
+        """Parameter tensors of the focus run (model order)."""
+        try:
+            log, _ = cache.get(focus)
+        except RunNotFound:
+            return [], None
+        params = log.params()
+        options = [{"label": p, "value": p} for p in params]
+        return options, layer if layer in params else (params[0] if params else None)
+
+    @app.callback(
+        Output({"type": "panel", "name": ALL}, "figure"),
+        Output({"type": "panel", "name": ALL}, "extendData"),
+        Output({"type": "card", "name": ALL}, "className"),
+        Output("state", "data"),
+        Output("hints", "children"),
+        Output("status", "children"),
+        Input("tick", "n_intervals"),
+        Input("runs", "value"),
+        Input("focus", "value"),
+        Input("smoothing", "value"),
+        Input("xaxis", "value"),
+        Input("layer", "value"),
+        Input({"type": "log", "name": ALL}, "value"),
+        State("state", "data"),
+    )
+    def update(_tick, runs, focus, smoothing, x, layer, logs, state):
+        """The main callback: full build, log toggle or incremental tick."""
+        names = [o["id"]["name"] for o in ctx.outputs_list[0]]
+        log_names = [i["id"]["name"] for i in ctx.inputs_list[6]]
+        view = View.parse(runs, focus, smoothing, x, layer, dict(zip(log_names, logs, strict=True)))
+        trigger = ctx.triggered_id
+        result = updater.update(trigger, view, state)
+        return (
+            [result.figures.get(n, no_update) for n in names],
+            [result.extend.get(n, no_update) for n in names],
+            [result.classes.get(n, no_update) for n in names],
+            no_update if result.state is None else result.state,
+            no_update if result.hints is None else result.hints,
+            no_update if result.status is None else result.status,
+        )
+
+    app.clientside_callback(_LIVE_JS, Output("tick", "disabled"), Input("live", "value"))
+    app.clientside_callback(
+        _CSV_JS,
+        Output({"type": "csvdata", "name": MATCH}, "data"),
+        Input({"type": "csv", "name": MATCH}, "n_clicks"),
+        State({"type": "csv", "name": MATCH}, "id"),
+        prevent_initial_call=True,
+    )
+
+    @app.callback(
+        Output({"type": "download", "name": MATCH}, "data"),
+        Input({"type": "csvdata", "name": MATCH}, "data"),
+        prevent_initial_call=True,
+    )
+    def download_csv(shown: Any) -> Any:
+        """CSV of exactly what the panel shows (the browser's trace data)."""
+        if not isinstance(shown, Mapping) or not isinstance(shown.get("data"), list):
+            return no_update
+        name = ctx.triggered_id["name"] if isinstance(ctx.triggered_id, Mapping) else "panel"
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(name))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return dcc.send_string(figure_csv({"data": shown["data"]}), f"{safe}-{stamp}.csv")
+
+    return updater
+

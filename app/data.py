@@ -1,0 +1,819 @@
+"""Run discovery, path safety and incremental reading of a log root for the dashboard.
+
+The dashboard serves the runs under one *log root* (see :mod:`cockpit.schema`). Every run id
+that comes from a client (URL query, dropdown value, API path) goes through
+:func:`resolve_run`, which accepts only the name of a run directory directly under the root:
+no separators, no ``..``, no absolute paths, no dot names, and the fully resolved path (symlinks
+followed) must still be a child of the resolved root. Anything else is :class:`RunNotFound`
+(an HTTP 404 for the API).
+
+Reading is incremental and shared. A :class:`LogCache` keeps, per run, a :class:`RunLog`: one
+:class:`~cockpit.logreader.LogTail` per table plus the rows read so far, split into *buckets*
+by ``(instrument, param)``. Every row remembers the tail cursor (the highest segment number
+read) at which it arrived, so
+
+* a **client cursor** is ``{"epoch", "scalars", "histograms"}``: the run's identity and the
+  table cursors of the client's last update. It lives in the browser (a ``dcc.Store``), never
+  on the server;
+* :meth:`RunLog.new_rows` returns exactly the rows with ``since < cursor <= upto``: O(new rows);
+* :meth:`RunLog.frame` returns whole buckets (concatenated lazily, once, and shared by all
+  clients), so a page load does not re-read Parquet files that another client already read.
+
+The cache is thread-safe (a lock per run, one for the run table) and bounded: runs are dropped,
+least recently used first, once the rows held exceed ``max_bytes`` (a dropped run is simply
+read again on its next use; client cursors stay valid because segment numbers are stable).
+A run directory that disappears raises :class:`RunGone`; one that was deleted and created
+anew (a new inode or ``start_time``) gets a new epoch, and clients holding the old epoch
+rebuild their figures.
+
+Frames use the log schema of :mod:`app.transforms`, with ``instrument``, ``metric`` and
+``param`` as pandas categoricals (compact, and fast to compare).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, TypedDict
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from pandas.api.types import union_categoricals
+
+from cockpit import schema
+from cockpit.logreader import LogTail, run_status
+from cockpit.schema import META_FILE, SCHEMAS, TABLES
+
+__all__ = [
+    "Cursor",
+    "LogCache",
+    "RunGone",
+    "RunInfo",
+    "RunLog",
+    "RunNotFound",
+    "check_root",
+    "discover_runs",
+    "empty_frame",
+    "resolve_run",
+]
+
+#: The tables the dashboard reads.
+READ_TABLES = ("scalars", "histograms")
+_SCALAR_COLUMNS = ("step", "wall_time", "instrument", "metric", "param", "value")
+_HIST_COLUMNS = (
+    "step", "wall_time", "instrument", "param", "shape", "counts", "edges_0", "edges_1",
+)
+_COLUMNS = {"scalars": _SCALAR_COLUMNS, "histograms": _HIST_COLUMNS}
+_CATEGORICAL = ("instrument", "metric", "param")
+#: A bucket merges its chunks once it holds this many (a chunk arrives per refresh).
+_MAX_CHUNKS = 32
+_SCALAR_ROW_BYTES = 40
+
+
+class RunNotFound(LookupError):
+    """A run id that is not the name of a run directory directly under the log root."""
+
+
+class RunGone(RunNotFound):
+    """The run directory was deleted (or replaced by something else) after it was opened."""
+
+
+class Cursor(TypedDict):
+    """What a client has seen of one run (JSON, kept in the browser).
+
+    Attributes:
+        epoch: The run's identity when the rows were read; a different epoch means the
+            directory was deleted and created anew, so the client must start over.
+        scalars: Tail cursor (highest segment number read) of the scalars table, ``-1``: none.
+        histograms: Tail cursor of the histograms table.
+
+    """
+
+    epoch: str
+    scalars: int
+    histograms: int
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run under the root, as the run selector shows it.
+
+    Attributes:
+        run_id: The run directory's name.
+        status: ``"live"``, ``"finished"`` or ``"crashed"`` (see
+            :func:`cockpit.logreader.run_status`).
+        start_time: Unix seconds from ``meta.json`` (NaN when unknown).
+
+    """
+
+    run_id: str
+    status: str
+    start_time: float
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
+def check_root(root: str | os.PathLike) -> Path:
+    """Resolve the log root, failing clearly when it is unusable.
+
+    Args:
+        root: The log root.
+
+    Returns:
+        The resolved (absolute, symlink-free) root.
+
+    Raises:
+        FileNotFoundError: If ``root`` does not exist.
+        NotADirectoryError: If ``root`` is not a directory.
+
+    """
+    path = Path(root)
+    if not path.exists():
+        raise FileNotFoundError(f"log root {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"log root {str(path)!r} is not a directory")
+    return Path(os.path.realpath(path))
+
+
+def _is_run_dir(path: Path) -> bool:
+    """The rule of :func:`cockpit.logreader.list_runs`: ``meta.json`` or a table directory."""
+    return (path / META_FILE).is_file() or any((path / t).is_dir() for t in TABLES)
+
+
+def resolve_run(root: str | os.PathLike, run_id: object) -> Path:
+    """The directory of run ``run_id`` under ``root``; refuses everything else.
+
+    Args:
+        root: The log root (resolved or not).
+        run_id: Untrusted run id, e.g. from a URL.
+
+    Returns:
+        The run directory, fully resolved, whose parent is the resolved root.
+
+    Raises:
+        RunNotFound: If ``run_id`` is not a plain name, escapes the root (``..``, an absolute
+            path, a symlink pointing elsewhere), or is not a run directory.
+
+    """
+    if (
+        not isinstance(run_id, str)
+        or not run_id
+        or run_id.startswith(".")
+        or any(c in run_id for c in ("/", "\\", "\x00"))
+        or os.path.isabs(run_id)
+        or len(run_id) > 255
+    ):
+        raise RunNotFound(f"no run {run_id!r}")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, run_id))
+    if os.path.dirname(real) != real_root or not os.path.isdir(real):
+        raise RunNotFound(f"no run {run_id!r}")
+    path = Path(real)
+    if not _is_run_dir(path):
+        raise RunNotFound(f"no run {run_id!r}")
+    return path
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` as a dict, ``{}`` when missing or unreadable (never raises)."""
+    try:
+        meta = json.loads((path / META_FILE).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+class _MetaCache:
+    """``meta.json`` contents keyed by path and modification time (bounded, thread-safe)."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[Path, tuple[int, dict[str, Any]]] = OrderedDict()
+
+    def get(self, path: Path) -> dict[str, Any]:
+        try:
+            mtime = (path / META_FILE).stat().st_mtime_ns
+        except OSError:
+            return {}
+        with self._lock:
+            hit = self._items.get(path)
+            if hit is not None and hit[0] == mtime:
+                self._items.move_to_end(path)
+                return hit[1]
+        meta = _read_meta(path)
+        with self._lock:
+            self._items[path] = (mtime, meta)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return meta
+
+
+def discover_runs(root: str | os.PathLike, meta_cache: _MetaCache | None = None) -> list[RunInfo]:
+    """List the runs under ``root`` cheaply (no Parquet reads), oldest first.
+
+    Uses the rule of :func:`cockpit.logreader.list_runs` (a sub-directory with ``meta.json`` or
+    a table directory), but skips entries that resolve outside the root (symlinks), so every
+    listed id passes :func:`resolve_run`.
+
+    Args:
+        root: The log root.
+        meta_cache: Optional cache of ``meta.json`` contents.
+
+    Returns:
+        The runs, sorted by ``start_time`` then id.
+
+    Raises:
+        FileNotFoundError: If ``root`` does not exist.
+        NotADirectoryError: If ``root`` is not a directory.
+
+    """
+    real_root = check_root(root)
+    runs = []
+    for entry in os.scandir(real_root):
+        if entry.name.startswith("."):
+            continue
+        try:
+            path = resolve_run(real_root, entry.name)
+        except RunNotFound:
+            continue
+        meta = meta_cache.get(path) if meta_cache is not None else _read_meta(path)
+        start = meta.get("start_time")
+        start = float(start) if isinstance(start, (int, float)) else math.nan
+        runs.append(RunInfo(entry.name, run_status(path), start))
+    return sorted(runs, key=lambda r: (math.isnan(r.start_time), r.start_time, r.run_id))
+
+
+# --------------------------------------------------------------------------------------------
+# Frames
+# --------------------------------------------------------------------------------------------
+def empty_frame(table: str = "scalars") -> pd.DataFrame:
+    """An empty frame with the columns of ``table`` (``"scalars"`` or ``"histograms"``).
+
+    Args:
+        table: The table name.
+
+    Returns:
+        The empty DataFrame.
+
+    """
+    cols: dict[str, Any] = {}
+    for name in _COLUMNS[table]:
+        if name == "step":
+            cols[name] = np.empty(0, np.int64)
+        elif name in ("wall_time", "value"):
+            cols[name] = np.empty(0, np.float64)
+        elif name in _CATEGORICAL:
+            cols[name] = pd.Categorical([])
+        else:
+            cols[name] = np.empty(0, object)
+    return pd.DataFrame(cols)
+
+
+def _concat(frames: Sequence[pd.DataFrame], table: str) -> pd.DataFrame:
+    """Concatenate frames of one table, keeping categoricals categorical (union of categories)."""
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return empty_frame(table)
+    if len(frames) == 1:
+        return frames[0]
+    cols: dict[str, Any] = {}
+    for name in _COLUMNS[table]:
+        if name in _CATEGORICAL:
+            cols[name] = union_categoricals([f[name].array for f in frames])
+        else:
+            cols[name] = np.concatenate([f[name].to_numpy() for f in frames])
+    return pd.DataFrame(cols, copy=False)
+
+
+class _Columns(NamedTuple):
+    """Freshly read rows of one table: plain columns and dictionary-encoded string columns."""
+
+    arrays: dict[str, np.ndarray]
+    codes: dict[str, tuple[np.ndarray, list[str]]]
+
+    @property
+    def size(self) -> int:
+        return len(self.arrays["step"])
+
+
+def _from_pandas(df: pd.DataFrame, table: str) -> _Columns:
+    """Rows as returned by :class:`~cockpit.logreader.LogTail`."""
+    arrays = {n: df[n].to_numpy() for n in _COLUMNS[table] if n not in _CATEGORICAL}
+    codes = {}
+    for name in _CATEGORICAL:
+        if name in _COLUMNS[table]:
+            c, uniques = pd.factorize(df[name], sort=False)
+            codes[name] = (c, [str(u) for u in uniques])
+    return _Columns(arrays, codes)
+
+
+def _list_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """One numpy array per row of a ``list<...>`` column (views of one writable buffer)."""
+    array = column.combine_chunks()
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy(zero_copy_only=False, writable=True)
+    out = np.empty(len(array), dtype=object)
+    for i in range(len(array)):
+        out[i] = values[offsets[i] : offsets[i + 1]]
+    return out
+
+
+def _from_arrow(data: pa.Table, table: str) -> _Columns:
+    """Rows of a Parquet scan, converted without building Python strings."""
+    arrays: dict[str, np.ndarray] = {}
+    codes = {}
+    for name in _COLUMNS[table]:
+        if name in _CATEGORICAL:
+            encoded = data.column(name).combine_chunks().dictionary_encode()
+            codes[name] = (
+                encoded.indices.to_numpy(zero_copy_only=False),
+                [str(v) for v in encoded.dictionary.to_pylist()],
+            )
+        elif name in ("shape", "counts", "edges_0", "edges_1"):
+            arrays[name] = _list_rows(data.column(name))
+        else:
+            arrays[name] = data.column(name).to_numpy()
+    if table == "histograms":
+        shapes = np.empty(len(arrays["shape"]), dtype=object)
+        for i, (shape, counts) in enumerate(zip(arrays["shape"], arrays["counts"], strict=True)):
+            shapes[i] = tuple(int(d) for d in shape)
+            arrays["counts"][i] = counts.reshape(shapes[i])
+        arrays["shape"] = shapes
+    return _Columns(arrays, codes)
+
+
+def _bulk_read(run_dir: Path, table: str) -> tuple[_Columns, int] | None:
+    """Read a whole table with one multi-threaded scan: ``(rows, cursor)``.
+
+    Used for a run's first read (much faster than file-by-file for long runs). Returns
+    ``None`` when the listing has gaps, a file vanished (compaction) or is unreadable: the
+    caller then uses :class:`~cockpit.logreader.LogTail`, which retries and warns.
+
+    Raises:
+        SchemaVersionError: If the run was written by a newer schema version.
+    """
+    segments = schema.visible_segments(schema.list_segments(run_dir / table))
+    if not segments or schema.find_gaps(segments):
+        return None
+    try:
+        data = ds.dataset(
+            [str(seg.path) for seg in segments],
+            schema=SCHEMAS[table].remove_metadata(),
+            format="parquet",
+        ).to_table()
+        schema.file_schema_version(pq.read_schema(segments[-1].path), segments[-1].path)
+    except schema.SchemaVersionError:
+        raise
+    except Exception:  # noqa: BLE001 - the careful reader sorts it out
+        return None
+    return _from_arrow(data, table), segments[-1].hi
+
+
+def _split(cols: _Columns, table: str) -> dict[tuple[str, str], pd.DataFrame]:
+    """Split freshly read rows into ``(instrument, param)`` buckets, keeping their order.
+
+    O(n): one stable radix sort on a small integer key, one gather per column, then slices.
+    """
+    if cols.size == 0:
+        return {}
+    inst_codes, insts = cols.codes["instrument"]
+    param_codes, params = cols.codes["param"]
+    key = inst_codes.astype(np.int64) * len(params) + param_codes
+    if len(insts) * len(params) < np.iinfo(np.int16).max:
+        key = key.astype(np.int16)  # numpy sorts small ints stably with a radix sort
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    bounds = np.flatnonzero(key[1:] != key[:-1]) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [key.size]])
+    plain = {name: values[order] for name, values in cols.arrays.items()}
+    metric_codes, metric_names = cols.codes.get("metric", (None, []))
+    if metric_codes is not None:
+        metric_codes = metric_codes[order]
+    out: dict[tuple[str, str], pd.DataFrame] = {}
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        k = int(key[a])
+        inst, param = insts[k // len(params)], params[k % len(params)]
+        zeros = np.zeros(b - a, np.int8)
+        cols: dict[str, Any] = {}
+        for name in _COLUMNS[table]:
+            if name == "instrument":
+                cols[name] = pd.Categorical.from_codes(zeros, categories=[inst])
+            elif name == "param":
+                cols[name] = pd.Categorical.from_codes(zeros, categories=[param])
+            elif name == "metric":
+                sub = metric_codes[a:b]
+                used = np.unique(sub)
+                remap = np.zeros(len(metric_names), np.int32)
+                remap[used] = np.arange(used.size)
+                cols[name] = pd.Categorical.from_codes(
+                    remap[sub], categories=[metric_names[i] for i in used]
+                )
+            else:
+                cols[name] = plain[name][a:b]
+        out[(inst, param)] = pd.DataFrame(cols, copy=False)
+    return out
+
+
+def _nbytes(frame: pd.DataFrame, table: str) -> int:
+    if table == "scalars":
+        return len(frame) * _SCALAR_ROW_BYTES
+    cells = sum(np.asarray(c).size for c in frame["counts"])
+    edges = sum(np.asarray(e).size for e in frame["edges_0"]) + sum(
+        np.asarray(e).size for e in frame["edges_1"]
+    )
+    return 8 * (cells + edges) + 200 * len(frame)
+
+
+class _Bucket:
+    """The rows of one ``(instrument, param)`` in read order, each with its arrival cursor."""
+
+    __slots__ = ("chunks", "table")
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self.chunks: list[tuple[pd.DataFrame, np.ndarray]] = []
+
+    def add(self, frame: pd.DataFrame, cursor: int) -> None:
+        self.chunks.append((frame, np.full(len(frame), cursor, dtype=np.int64)))
+        if len(self.chunks) > _MAX_CHUNKS:
+            self._merge()
+
+    def _merge(self) -> None:
+        if len(self.chunks) > 1:
+            frame = _concat([f for f, _ in self.chunks], self.table)
+            cursors = np.concatenate([c for _, c in self.chunks])
+            self.chunks = [(frame, cursors)]
+
+    def rows(self, lo: int, hi: int) -> list[pd.DataFrame]:
+        """Pieces holding the rows that arrived with ``lo < cursor <= hi``."""
+        out = []
+        for frame, cursors in reversed(self.chunks):
+            if cursors[-1] <= lo:
+                break
+            a = int(np.searchsorted(cursors, lo, side="right"))
+            b = int(np.searchsorted(cursors, hi, side="right"))
+            if b > a:
+                out.append(frame if (a, b) == (0, len(frame)) else frame.iloc[a:b])
+        out.reverse()
+        return out
+
+    def tail(self, n: int, hi: int) -> list[pd.DataFrame]:
+        """Pieces holding the last ``n`` rows (in read order) that arrived with ``cursor <= hi``."""
+        pieces = []
+        for frame, cursors in reversed(self.chunks):
+            b = int(np.searchsorted(cursors, hi, side="right"))
+            if b == 0:
+                continue
+            pieces.append(frame.iloc[max(0, b - n) : b])
+            n -= len(pieces[-1])
+            if n <= 0:
+                break
+        pieces.reverse()
+        return pieces
+
+    def arrived(self, lo: int, hi: int) -> bool:
+        """Whether any row arrived with ``lo < cursor <= hi``."""
+        for _, cursors in reversed(self.chunks):
+            if cursors[-1] <= lo:
+                return False
+            if int(np.searchsorted(cursors, hi, side="right")) > int(
+                np.searchsorted(cursors, lo, side="right")
+            ):
+                return True
+        return False
+
+    def frame(self, hi: int) -> pd.DataFrame:
+        """All rows that arrived with ``cursor <= hi`` (merging the chunks once)."""
+        self._merge()
+        if not self.chunks:
+            return empty_frame(self.table)
+        frame, cursors = self.chunks[0]
+        b = int(np.searchsorted(cursors, hi, side="right"))
+        return frame if b == len(frame) else frame.iloc[:b]
+
+
+#: ``(instrument, param)``; ``param=None`` means every param of the instrument.
+Key = tuple[str, "str | None"]
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """``(inode, meta.json mtime)`` of a run directory.
+
+    Raises:
+        RunGone: If the directory is gone.
+    """
+    try:
+        ino = os.stat(path).st_ino
+    except OSError as exc:
+        raise RunGone(f"run {path.name!r} was deleted") from exc
+    try:
+        mtime = (path / META_FILE).stat().st_mtime_ns
+    except OSError:
+        mtime = 0
+    return ino, mtime
+
+
+class RunLog:
+    """What the server has read of one run: incremental tails and bucketed rows.
+
+    Use through :class:`LogCache`. All methods are thread-safe; returned frames are never
+    mutated afterwards, so they can be used outside the lock.
+
+    Args:
+        run_id: The run id (a name under the root).
+        path: The resolved run directory.
+    """
+
+    def __init__(self, run_id: str, path: Path) -> None:
+        self.run_id = run_id
+        self.path = path
+        self._identity = _identity(path)
+        self.meta = _read_meta(path)
+        self.epoch = f"{self._identity[0]}:{self.meta.get('start_time', '')}"
+        self._lock = threading.Lock()
+        self._tails = {t: LogTail(path, t) for t in READ_TABLES}
+        self._buckets: dict[str, dict[tuple[str, str], _Bucket]] = {t: {} for t in READ_TABLES}
+        self._params: dict[str, dict[str, list[str]]] = {t: {} for t in READ_TABLES}
+        self._last_refresh = -math.inf
+        self.nbytes = 0
+        #: Highest step read so far (``None`` before the first row).
+        self.max_step: int | None = None
+
+    @property
+    def tracked(self) -> frozenset[str] | None:
+        """Instrument names configured for the run (``meta.json``), ``None`` when unknown."""
+        names = [i.get("name") for i in self.meta.get("instruments", []) if isinstance(i, dict)]
+        return frozenset(n for n in names if isinstance(n, str)) or None
+
+    def cursor(self) -> Cursor:
+        """The cursor of everything read so far."""
+        with self._lock:
+            return self._cursor()
+
+    def _cursor(self) -> Cursor:
+        return Cursor(
+            epoch=self.epoch,
+            scalars=self._tails["scalars"].cursor,
+            histograms=self._tails["histograms"].cursor,
+        )
+
+    def refresh(self, min_interval_s: float = 0.0) -> Cursor:
+        """Read the segments written since the last refresh (at most once per interval).
+
+        Args:
+            min_interval_s: Skip the directory listings when the last refresh is more recent.
+
+        Returns:
+            The cursor after reading.
+
+        Raises:
+            RunGone: If the run directory was deleted or replaced.
+
+        """
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_refresh < min_interval_s:
+                return self._cursor()
+            self._check_identity()
+            for table in READ_TABLES:
+                tail = self._tails[table]
+                if tail.cursor < 0:
+                    bulk = _bulk_read(self.path, table)
+                    if bulk is not None:
+                        tail.cursor = bulk[1]
+                        self._add(table, bulk[0], tail.cursor)
+                new = tail.read_new()
+                if len(new):
+                    self._add(table, _from_pandas(new, table), tail.cursor)
+            self._last_refresh = time.monotonic()
+            return self._cursor()
+
+    def _check_identity(self) -> None:
+        """Raise :class:`RunGone` if the directory was deleted or replaced by a new run."""
+        ino, mtime = _identity(self.path)
+        if ino != self._identity[0]:
+            raise RunGone(f"run {self.run_id!r} was replaced")
+        if mtime != self._identity[1]:  # a writer reopened the run, or a new run took its name
+            meta = _read_meta(self.path)
+            if meta.get("start_time") != self.meta.get("start_time"):
+                raise RunGone(f"run {self.run_id!r} was replaced")
+            self.meta, self._identity = meta, (ino, mtime)
+
+    def status(self) -> str:
+        """``"live"``, ``"finished"`` or ``"crashed"`` (:func:`cockpit.logreader.run_status`)."""
+        return run_status(self.path)
+
+    def _add(self, table: str, new: _Columns, cursor: int) -> None:
+        if new.size:
+            top = int(new.arrays["step"].max())
+            self.max_step = top if self.max_step is None else max(self.max_step, top)
+        for (inst, param), frame in _split(new, table).items():
+            bucket = self._buckets[table].get((inst, param))
+            if bucket is None:
+                bucket = self._buckets[table][(inst, param)] = _Bucket(table)
+                self._params[table].setdefault(inst, []).append(param)
+            bucket.add(frame, cursor)
+            self.nbytes += _nbytes(frame, table)
+
+    def _select(self, table: str, keys: Iterable[Key] | None) -> list[_Bucket]:
+        buckets = self._buckets[table]
+        if keys is None:
+            return list(buckets.values())
+        out, seen = [], set()
+        for inst, param in keys:
+            params = self._params[table].get(inst, []) if param is None else [param]
+            for p in params:
+                if (inst, p) in buckets and (inst, p) not in seen:
+                    seen.add((inst, p))
+                    out.append(buckets[(inst, p)])
+        return out
+
+    def frame(self, table: str, keys: Iterable[Key] | None, upto: Cursor) -> pd.DataFrame:
+        """All rows of the selected buckets that arrived up to ``upto``.
+
+        Args:
+            table: ``"scalars"`` or ``"histograms"``.
+            keys: ``(instrument, param)`` pairs (``param=None``: all params); ``None``: all.
+            upto: A cursor returned by :meth:`refresh` (a consistent snapshot).
+
+        Returns:
+            The rows, bucket by bucket (each in read order); builders sort by step.
+
+        """
+        with self._lock:
+            frames = [b.frame(upto[table]) for b in self._select(table, keys)]
+        return _concat(frames, table)
+
+    def new_rows(
+        self, table: str, since: Cursor | None, upto: Cursor, keys: Iterable[Key] | None = None
+    ) -> pd.DataFrame:
+        """The rows that arrived after ``since`` and up to ``upto``: O(new rows).
+
+        Args:
+            table: ``"scalars"`` or ``"histograms"``.
+            since: The client's cursor (``None``: from the start).
+            upto: A cursor returned by :meth:`refresh`.
+            keys: Optional bucket selection, as for :meth:`frame`.
+
+        Returns:
+            The new rows.
+
+        """
+        lo = -1 if since is None else int(since[table])
+        with self._lock:
+            pieces = [p for b in self._select(table, keys) for p in b.rows(lo, upto[table])]
+        return _concat(pieces, table)
+
+    def tail(
+        self, table: str, keys: Iterable[Key] | None, n: int, upto: Cursor
+    ) -> pd.DataFrame:
+        """The last ``n`` rows of each selected bucket up to ``upto`` (no merging: cheap).
+
+        Args:
+            table: ``"scalars"`` or ``"histograms"``.
+            keys: Bucket selection, as for :meth:`frame`.
+            n: Rows per bucket.
+            upto: A cursor returned by :meth:`refresh`.
+
+        Returns:
+            The rows.
+
+        """
+        with self._lock:
+            pieces = [p for b in self._select(table, keys) for p in b.tail(n, upto[table])]
+        return _concat(pieces, table)
+
+    def touched(self, since: Cursor, upto: Cursor) -> set[tuple[str, str, str]]:
+        """``(table, instrument, param)`` of every bucket with rows after ``since``.
+
+        Args:
+            since: The client's cursor.
+            upto: A cursor returned by :meth:`refresh`.
+
+        Returns:
+            The touched buckets.
+
+        """
+        out = set()
+        with self._lock:
+            for table in READ_TABLES:
+                lo, hi = int(since[table]), int(upto[table])
+                if hi <= lo:
+                    continue
+                for (inst, param), bucket in self._buckets[table].items():
+                    if bucket.arrived(lo, hi):
+                        out.add((table, inst, param))
+        return out
+
+    def params(self, table: str = "scalars") -> list[str]:
+        """Parameter names seen in the log (model order from ``meta.json`` when known)."""
+        with self._lock:
+            seen = {p for ps in self._params[table].values() for p in ps}
+        seen -= {"all"}
+        seen = {p for p in seen if not (p.startswith("group") and p[5:].isdigit())}
+        model = [m.get("name") for m in self.meta.get("model", []) if isinstance(m, dict)]
+        ordered = [m for m in model if m in seen]
+        return ordered + sorted(seen - set(ordered))
+
+
+class LogCache:
+    """Shared, bounded, thread-safe cache of :class:`RunLog` per run under one root.
+
+    Args:
+        root: The log root (must exist).
+        max_bytes: Approximate bound on the rows held; least recently used runs are dropped.
+        min_refresh_s: Runs list their segments at most this often, however many clients ask.
+
+    Raises:
+        FileNotFoundError: If ``root`` does not exist.
+        NotADirectoryError: If ``root`` is not a directory.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, max_bytes: int = 1 << 30, min_refresh_s: float = 0.25
+    ) -> None:
+        self.root = check_root(root)
+        self.max_bytes = int(max_bytes)
+        self.min_refresh_s = float(min_refresh_s)
+        self._lock = threading.Lock()
+        self._runs: OrderedDict[str, RunLog] = OrderedDict()
+        self._meta = _MetaCache()
+
+    def list_runs(self) -> list[RunInfo]:
+        """The runs under the root (see :func:`discover_runs`)."""
+        return discover_runs(self.root, self._meta)
+
+    def meta(self, run_id: str) -> dict[str, Any]:
+        """A run's ``meta.json`` (``{}`` when missing).
+
+        Raises:
+            RunNotFound: If ``run_id`` is not a run under the root.
+
+        """
+        return self._meta.get(resolve_run(self.root, run_id))
+
+    def get(self, run_id: object) -> tuple[RunLog, Cursor]:
+        """The run's log, refreshed, and the cursor of the snapshot to use.
+
+        Args:
+            run_id: Untrusted run id.
+
+        Returns:
+            ``(run log, cursor)``.
+
+        Raises:
+            RunNotFound: If ``run_id`` is not a run under the root.
+            RunGone: If the run was deleted (it is dropped from the cache).
+
+        """
+        path = resolve_run(self.root, run_id)
+        assert isinstance(run_id, str)
+        for _ in range(2):
+            with self._lock:
+                log = self._runs.get(run_id)
+                if log is None or log.path != path:
+                    log = self._runs[run_id] = RunLog(run_id, path)
+                self._runs.move_to_end(run_id)
+            try:
+                cursor = log.refresh(self.min_refresh_s)
+            except RunGone:
+                self.discard(run_id, log)
+                path = resolve_run(self.root, run_id)  # RunNotFound when deleted for good
+                continue  # replaced by a new run of the same name: start over
+            self._evict(keep=run_id)
+            return log, cursor
+        raise RunGone(f"run {run_id!r} keeps changing")
+
+    def discard(self, run_id: str, log: RunLog | None = None) -> None:
+        """Forget a run (only ``log`` if given, so a newer instance survives)."""
+        with self._lock:
+            if run_id in self._runs and (log is None or self._runs[run_id] is log):
+                del self._runs[run_id]
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate bytes held."""
+        with self._lock:
+            return sum(log.nbytes for log in self._runs.values())
+
+    def _evict(self, keep: str) -> None:
+        with self._lock:
+            total = sum(log.nbytes for log in self._runs.values())
+            for run_id in list(self._runs):
+                if total <= self.max_bytes:
+                    break
+                if run_id != keep:
+                    total -= self._runs.pop(run_id).nbytes
