@@ -100,11 +100,14 @@ def _read_segment_file(
         missing = [name for name in expected.names if name not in file_schema.names]
         if missing:
             raise ValueError(f"{segment.path} lacks the column(s) {missing}")
-        table = parquet_file.read(columns=columns)
+        table = parquet_file.read(columns=columns, use_threads=False)
         num_rows = parquet_file.metadata.num_rows
     entries = schema.segment_map(file_schema, segment, num_rows)
     target = expected if columns is None else pa.schema([expected.field(c) for c in columns])
-    return table.cast(target.remove_metadata()), entries
+    target = target.remove_metadata()
+    if not table.schema.equals(target, check_metadata=False):
+        table = table.cast(target)
+    return table.replace_schema_metadata(None), entries
 
 
 def _warn_unreadable(path: Path, exc: BaseException) -> None:

@@ -755,8 +755,16 @@ class LogWriter:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         wall_time = time.time() if wall_time is None else float(wall_time)
+        str_ = str
         new_rows = [
-            (step, wall_time, _as_str(instrument), _as_str(metric), _as_str(param), float(value))
+            (
+                step,
+                wall_time,
+                instrument if type(instrument) is str_ else str_(instrument),
+                metric if type(metric) is str_ else str_(metric),
+                param if type(param) is str_ else str_(param),
+                float(value),
+            )
             for instrument, metric, param, value in rows
         ]
         if not new_rows:
