@@ -841,6 +841,9 @@ class LogWriter:
     def add_event(self, level: str, message: str, step: int = -1, instrument: str = "") -> None:
         """Add an event (a message for the run's event list).
 
+        Events do not start steps: they are written with the batch of the
+        scalar and histogram rows around them (at the latest on flush or close).
+
         Args:
             level: ``"info"``, ``"warning"`` or ``"error"``.
             message: Free text.

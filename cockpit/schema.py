@@ -8,6 +8,7 @@ Runs are grouped under a *log root*; each run has its own directory::
         meta.json                      run metadata, written atomically
         LOCK                           present while a writer has the run open
         END                            written atomically when the writer closes
+        .COMPACT_LOCK                  present while a compaction rewrites the run
         scalars/part-000000.parquet    immutable segments, one row group each
         scalars/part-000001.parquet
         histograms/part-000000.parquet
@@ -87,6 +88,9 @@ and records where each source segment's rows are in its key-value metadata
 under :data:`SEGMENTS_KEY` (JSON ``[[lo, hi, n_rows], ...]``, one entry per
 original segment). Once it is in place, it supersedes every file whose range
 it contains, and readers ignore those; the small files are deleted afterwards.
+Compaction runs from :func:`cockpit.logwriter.compact` and, every
+``compact_every`` segments, in the writer's background thread; both hold
+``.COMPACT_LOCK`` (JSON like ``LOCK``) while they work.
 Rows within a segment are in the order they were added; a value for an earlier
 step may arrive in a later segment.
 

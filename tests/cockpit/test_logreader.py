@@ -290,6 +290,26 @@ def test_log_tail_across_compaction(tmp_path):
     assert late.read_new()["step"].tolist() == list(range(9))
 
 
+def test_log_tail_slices_compacted_histograms(tmp_path):
+    run = tmp_path / "run"
+    tail = LogTail(run, "histograms")
+    frames = []
+    with LogWriter(run, compact_every=None) as log:
+        for step in range(6):  # a different number of bins every step
+            log.add_histogram(step, "h", "all", np.full(step + 1, step), [np.arange(step + 2.0)])
+            log.flush()
+            if step == 2:
+                frames.append(tail.read_new())
+        compact(run)
+        frames.append(tail.read_new())
+    hist = pd.concat(frames, ignore_index=True)
+    assert hist["step"].tolist() == list(range(6))
+    for step, (shape, counts, edges) in enumerate(hist[["shape", "counts", "edges_0"]].values):
+        assert shape == (step + 1,)
+        assert counts.tolist() == [float(step)] * (step + 1)
+        assert edges.tolist() == list(np.arange(step + 2.0))
+
+
 # ---------------------------------------------------------------------------
 # Compaction
 # ---------------------------------------------------------------------------
