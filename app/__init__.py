@@ -47,13 +47,20 @@ _INDEX = """<!DOCTYPE html>
 
 
 def _register_api(server: Any, cache: Any) -> None:
-    from flask import abort, jsonify
+    from flask import abort, jsonify, request
 
     from app.data import RunNotFound, resolve_run
     from cockpit.logreader import run_status
 
     def _num(v: Any) -> Any:
         return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    @server.before_request
+    def api_only_known_routes() -> None:
+        # Dash answers any unknown path with its index page; under /api/ that would hide a 404
+        # (e.g. "/api/runs//etc", which no run route matches).
+        if request.path.startswith("/api/") and request.endpoint not in ("api_runs", "api_run"):
+            abort(404)
 
     @server.route("/api/runs")
     def api_runs():  # noqa: ANN202 - Flask view

@@ -779,7 +779,14 @@ class LogCache:
             RunGone: If the run was deleted (it is dropped from the cache).
 
         """
-        path = resolve_run(self.root, run_id)
+        try:
+            path = resolve_run(self.root, run_id)
+        except RunNotFound:
+            with self._lock:
+                known = self._runs.pop(run_id, None) if isinstance(run_id, str) else None
+            if known is not None:
+                raise RunGone(f"run {run_id!r} was deleted") from None
+            raise
         assert isinstance(run_id, str)
         for _ in range(2):
             with self._lock:
@@ -791,7 +798,10 @@ class LogCache:
                 cursor = log.refresh(self.min_refresh_s)
             except RunGone:
                 self.discard(run_id, log)
-                path = resolve_run(self.root, run_id)  # RunNotFound when deleted for good
+                try:
+                    path = resolve_run(self.root, run_id)
+                except RunNotFound:
+                    raise RunGone(f"run {run_id!r} was deleted") from None
                 continue  # replaced by a new run of the same name: start over
             self._evict(keep=run_id)
             return log, cursor

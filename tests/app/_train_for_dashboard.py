@@ -39,7 +39,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     x = torch.randn(1024, 10)
     y = (x @ torch.randn(10, 4) + 0.5 * torch.randn(1024, 4)).argmax(1)
-    model = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = nn.Sequential(
+        nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
     loss_fn = nn.CrossEntropyLoss()
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
@@ -56,7 +58,10 @@ def main() -> None:
         instruments=instruments,
         logdir=Path(args.root) / args.run,
         tags={"optimizer": args.optimizer, "lr": args.lr},
-        log_options={"flush_every_steps": args.flush_steps, "flush_every_seconds": args.flush_seconds},
+        log_options={
+            "flush_every_steps": args.flush_steps,
+            "flush_every_seconds": args.flush_seconds,
+        },
     ) as cockpit:
         for step in range(args.steps):
             index = torch.randint(0, len(x), (64,))
