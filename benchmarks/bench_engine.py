@@ -448,7 +448,9 @@ def _timing_section(suite: dict, ws: list[str]) -> list[str]:
         "",
         "## Absolute step times",
         "",
-        "Median ms per step, plain / configuration (same process), and steps per timed block k.",
+        "Median ms per step, plain / configuration (same process); steps per timed block k; "
+        "median ratio of *CPU* time (`time.process_time`, less sensitive to other processes "
+        "on the machine than the wall-clock ratio above).",
         "",
         "| configuration | " + " | ".join(ws) + " |",
         "|---|" + "---:|" * len(ws),
@@ -458,7 +460,8 @@ def _timing_section(suite: dict, ws: list[str]) -> list[str]:
         for w in ws:
             e = _entry(suite, name, w)
             if e and e.get("status") == "ok":
-                cells.append(f"{e['plain_ms']:.1f} / {e['config_ms']:.1f} (k={e['k']})")
+                cpu = f"; CPU {e['cpu_ratio_median']:.2f}x" if "cpu_ratio_median" in e else ""
+                cells.append(f"{e['plain_ms']:.1f} / {e['config_ms']:.1f} (k={e['k']}{cpu})")
             else:
                 cells.append("—" if not e else e.get("status", "?"))
         lines.append(f"| {cfg['label']} | " + " | ".join(cells) + " |")
