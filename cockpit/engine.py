@@ -29,20 +29,25 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
 
+from cockpit.curvature import ActivationRule, CurvaturePass, activation_rule
 from cockpit.factors import Factor, combine
 from cockpit.layers import LayerRule, UnsupportedModuleError, find_rule
 from cockpit.layers.functorch import functorch_rule, tensor_outputs
-from cockpit.quantities import Gathered, Projection, Quantity
+from cockpit.linops import HessianOperator, twice_differentiable
+from cockpit.quantities import CURVATURE, Gathered, Projection, Quantity
 
 __all__ = ["Engine", "UnsupportedModuleError"]
 
@@ -72,17 +77,138 @@ class _Use:
     grads: list[Tensor | None]
     waiting: int  # output gradients still expected before immediate processing
     done: bool = False
+    order: int = 0  # position among the calls of this generation
+    out_keys: list[tuple[int, int] | None] = field(default_factory=list)  # graph keys
+    out_numel: int = 0
+
+
+@dataclass
+class _ActivationCall:
+    """One call of an elementwise activation module (for the Hessian residual terms)."""
+
+    module: nn.Module
+    rule: ActivationRule
+    value: Tensor  # detached output (rule.from_output) or input; autograd keeps it anyway
+    order: int
+    in_key: tuple[int, int] | None
+    out_key: tuple[int, int]
+    numel: int
+
+
+@dataclass
+class _LossCall:
+    """The loss module's call: its input (with graph) and target."""
+
+    input: Tensor
+    target: Any
 
 
 @dataclass
 class _Generation:
-    """Forward calls recorded since the last backward pass ended."""
+    """Forward calls recorded since the last backward pass ended.
+
+    Layer and activation calls are held weakly: the tensor hooks on their outputs keep
+    them alive exactly as long as the autograd graph that can still deliver gradients.
+    """
 
     module_uses: dict[nn.Module, int] = field(default_factory=lambda: defaultdict(int))
     param_uses: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     batch_sizes: dict[int, str] = field(default_factory=dict)
     invalid: dict[str, str] = field(default_factory=dict)
     deferred: list[_Use] = field(default_factory=list)
+    uses: list[weakref.ref] = field(default_factory=list)
+    acts: list[weakref.ref] = field(default_factory=list)
+    counter: int = 0
+    loss: _LossCall | None = None
+    loss_calls: int = 0
+
+
+@dataclass
+class _ForwardRecord:
+    """The last forward pass of the whole model and its loss call (for Hessian products).
+
+    Holds no autograd graph: inputs and targets are detached, outputs are graph keys.
+    """
+
+    args: tuple
+    kwargs: dict
+    rng: Tensor
+    cuda_rng: list[Tensor] | None
+    out_keys: list[tuple[int, int] | None] | None = None
+    out_type: str = ""
+    loss_args: tuple | None = None  # loss-call arguments after the input (detached)
+    loss_kwargs: dict | None = None
+    select: tuple[int, tuple] | None = None  # model output index, shape ops to replay
+    select_error: str = ""
+    loss_value: float | None = None
+
+
+def _key(t: Tensor) -> tuple[int, int] | None:
+    """Graph key of a tensor: its node's sequence number and its output number."""
+    fn = t.grad_fn
+    return None if fn is None else (fn._sequence_nr(), t.output_nr)
+
+
+def _detach(x):
+    if isinstance(x, Tensor):
+        return x.detach()
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
+        return type(x)(*(_detach(v) for v in x))
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detach(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+def _signed(d: int) -> int:
+    return d - (1 << 64) if d >= 1 << 63 else d
+
+
+def _shape_op(node, out_shape: tuple[int, ...]) -> tuple[tuple, tuple[int, ...]] | None:
+    """A shape-only node as a replayable op and its input shape, or None."""
+    name = type(node).__name__
+    if name in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0") or (
+        name.startswith("SqueezeBackward")
+    ):
+        sizes = getattr(node, "_saved_self_sym_sizes", None)
+        if sizes is None:
+            return None
+        return ("reshape", out_shape), tuple(int(v) for v in sizes)
+    if name == "TransposeBackward0":
+        d0, d1 = _signed(node._saved_dim0), _signed(node._saved_dim1)
+        in_shape = list(out_shape)
+        in_shape[d0], in_shape[d1] = in_shape[d1], in_shape[d0]
+        return ("transpose", d0, d1), tuple(in_shape)
+    if name == "TBackward0":
+        return ("t",), tuple(reversed(out_shape))
+    if name == "PermuteBackward0":
+        dims = [_signed(d) % len(out_shape) for d in node._saved_dims]
+        in_shape = [0] * len(out_shape)
+        for j, d in enumerate(dims):
+            in_shape[d] = out_shape[j]
+        return ("permute", tuple(dims)), tuple(in_shape)
+    if name == "UnsqueezeBackward0":
+        d = _signed(node._saved_dim) % len(out_shape)
+        return ("reshape", out_shape), out_shape[:d] + out_shape[d + 1 :]
+    if name == "CloneBackward0":
+        return ("clone",), out_shape
+    return None
+
+
+def _replay(x: Tensor, ops: tuple) -> Tensor:
+    for op in ops:
+        if op[0] == "reshape":
+            x = x.reshape(op[1])
+        elif op[0] == "transpose":
+            x = x.transpose(op[1], op[2])
+        elif op[0] == "t":
+            x = x.t()
+        elif op[0] == "permute":
+            x = x.permute(op[1])
+        else:  # clone
+            x = x.clone()
+    return x
 
 
 class Engine:
@@ -97,13 +223,30 @@ class Engine:
         fail_mode: What to do about modules without a rule: ``"warn"`` (use the
             fallback, warn once naming the module), ``"silent"``, or ``"error"``
             (strict: raise :class:`UnsupportedModuleError`).
+        seed: Seed of the engine's own random generator, used for Monte-Carlo curvature
+            (:class:`~cockpit.quantities.DiagGGN` with ``mc_samples > 0``) and
+            Hutchinson probes; it never touches torch's global generator. None: a
+            random seed. Reset it with :meth:`manual_seed`.
 
     The batch dimension must be dim 0 of every hooked module's input (except where a
     rule knows better, e.g. ``MultiheadAttention(batch_first=False)``).
+
+    Curvature (:class:`~cockpit.quantities.DiagGGN`,
+    :class:`~cockpit.quantities.DiagHessian`) and :meth:`hessian_operator` need
+    ``loss_fn``: the engine also hooks the loss module (its input and target), the
+    top-level model (its inputs and the random-number state, so dropout replays) and
+    the elementwise activation modules (see :mod:`cockpit.curvature`). These hooks only
+    keep references to tensors autograd keeps anyway (plus the detached inputs and
+    targets of the last step) and cost nothing on untracked steps.
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: nn.Module | None = None, *, fail_mode: str = "warn"
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module | None = None,
+        *,
+        fail_mode: str = "warn",
+        seed: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -119,8 +262,13 @@ class Engine:
         self._handles: list = []
         self._generation = _Generation()
         self._suspended = False
+        self._in_curvature = False
         self._armed: _Armed | None = None
         self._reset_queued = False
+        self._activations: dict[nn.Module, ActivationRule] = {}
+        self._record: _ForwardRecord | None = None
+        self._seed = int(torch.Generator().seed() if seed is None else seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
         self._attach()
 
     # ------------------------------------------------------------------ hooks
@@ -154,6 +302,19 @@ class Engine:
                 warnings.warn(msg, stacklevel=3)
         for module in self._hooked:
             self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
+        for module in self.model.modules():
+            rule = activation_rule(module)
+            if rule is not None and module not in self._activations:
+                self._activations[module] = rule
+                self._handles.append(module.register_forward_hook(self._activation_hook))
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)
+        )
+        self._handles.append(self.model.register_forward_hook(self._model_hook))
+        if isinstance(self.loss_fn, nn.Module):
+            self._handles.append(
+                self.loss_fn.register_forward_hook(self._loss_hook, with_kwargs=True)
+            )
 
     def close(self) -> None:
         """Remove all hooks. The engine cannot be used afterwards."""
@@ -161,7 +322,10 @@ class Engine:
             h.remove()
         self._handles.clear()
         self._hooked.clear()
+        self._activations.clear()
         self._armed = None
+        self._record = None
+        self._generation = _Generation()
 
     def __enter__(self) -> Engine:
         return self
@@ -206,13 +370,136 @@ class Engine:
         for k in wanted:
             gen.param_uses[self._names[hooked.params[k]]] += 1
         use = _Use(module, hooked, args, kwargs, wanted, n, [None] * len(outs), len(needs))
+        use.order = gen.counter
+        gen.counter += 1
+        use.out_keys = [_key(o) if o.requires_grad else None for o in outs]
+        use.out_numel = sum(outs[i].numel() for i in needs)
+        gen.uses.append(weakref.ref(use))
         if len(needs) > 1:
             gen.deferred.append(use)
         for i in needs:
             outs[i].register_hook(self._grad_hook(use, i))
 
+    def _activation_hook(self, module: nn.Module, args: tuple, output) -> None:
+        if self._suspended or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad or output.grad_fn is None:
+            return
+        z = args[0] if args else None
+        if not isinstance(z, Tensor) or z.shape != output.shape:
+            return
+        rule = self._activations[module]
+        gen = self._generation
+        call = _ActivationCall(
+            module,
+            rule,
+            (output if rule.from_output else z).detach(),
+            gen.counter,
+            _key(z) if z.requires_grad else None,
+            _key(output),  # type: ignore[arg-type]
+            z.numel(),
+        )
+        gen.counter += 1
+        gen.acts.append(weakref.ref(call))
+        output.register_hook(self._activation_grad_hook(call))
+
+    def _activation_grad_hook(self, call: _ActivationCall):
+        def hook(grad: Tensor) -> None:
+            if self._in_curvature:
+                return
+            armed = self._armed
+            if armed is None or armed.finished:
+                self._queue_reset()
+                return
+            armed.start()
+            if armed.curvature is not None:
+                armed.curvature.on_activation_grad(call, grad)
+
+        return hook
+
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._suspended or not torch.is_grad_enabled():
+            return
+        cuda = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda = torch.cuda.get_rng_state_all()
+        self._record = _ForwardRecord(_detach(args), _detach(kwargs), torch.get_rng_state(), cuda)
+
+    def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
+        rec = self._record
+        if rec is None or self._suspended or not torch.is_grad_enabled():
+            return
+        rec.out_keys = [_key(o) for o in tensor_outputs(output)]
+        rec.out_type = type(output).__name__
+
+    def _loss_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if self._suspended or not torch.is_grad_enabled():
+            return
+        kwargs = dict(kwargs)
+        if args:
+            x, rest = args[0], tuple(args[1:])
+        else:
+            x, rest = kwargs.pop("input", None), ()
+        if not isinstance(x, Tensor):
+            return
+        target = rest[0] if rest else kwargs.get("target")
+        gen = self._generation
+        gen.loss = _LossCall(x, _detach(target))
+        gen.loss_calls += 1
+        if x.requires_grad:
+            x.register_hook(self._loss_grad_hook)
+        rec = self._record
+        if rec is not None:
+            rec.loss_args, rec.loss_kwargs = _detach(rest), _detach(kwargs)
+            rec.select, rec.select_error = self._select(rec, x)
+            if isinstance(output, Tensor) and output.numel() == 1:
+                rec.loss_value = float(output.detach())
+
+    @staticmethod
+    def _select(rec: _ForwardRecord, x: Tensor) -> tuple[Any, str]:
+        """Which model output the loss input is (up to reshapes/transposes), or why none is."""
+        keys = rec.out_keys
+        if keys is None:
+            return None, "no forward pass of the whole model was recorded before the loss call"
+        ops: list[tuple] = []
+        node, nr, shape = x.grad_fn, x.output_nr, tuple(x.shape)
+        while node is not None:
+            key = (node._sequence_nr(), nr)
+            if key in keys:
+                return (keys.index(key), tuple(reversed(ops))), ""
+            step = _shape_op(node, shape)
+            if step is None:
+                break
+            op, shape = step
+            ops.append(op)
+            node, nr = node.next_functions[0]
+        what = (
+            "a tensor"
+            if rec.out_type in ("Tensor", "Parameter")
+            else f"a {rec.out_type} holding {len(keys)} tensor(s)"
+        )
+        return None, (
+            f"the loss module's input is not the model's output: the model returned {what}, "
+            "and the loss input is neither one of those tensors nor a reshape, transpose or "
+            "permutation of one. Hessian-vector products re-evaluate loss_fn(model(inputs)), so "
+            "compute the loss directly on a tensor the model returns (or a reshape of it)"
+        )
+
+    def _loss_grad_hook(self, grad: Tensor) -> None:
+        if self._in_curvature:
+            return
+        armed = self._armed
+        if armed is None or armed.finished:
+            self._queue_reset()
+            return
+        armed.start()
+        if armed.curvature is not None:
+            armed.curvature.on_loss_grad()
+
     def _grad_hook(self, use: _Use, index: int):
         def hook(grad: Tensor) -> None:
+            if self._in_curvature:  # a nested curvature backward pass, not the user's
+                return
             armed = self._armed
             if armed is None or armed.finished:
                 self._queue_reset()
@@ -239,6 +526,8 @@ class Engine:
         armed = self._armed
         assert armed is not None
         use.done = True
+        if not armed.requests:  # curvature only
+            return
         scale = armed.scale
         grads = tuple(g if g is None or scale == 1 else g * scale for g in use.grads)
         self._suspended = True
@@ -311,12 +600,22 @@ class Engine:
         Yields:
             A :class:`~cockpit.quantities.Gathered` filled when the block exits.
 
+        Curvature keys (:class:`~cockpit.quantities.DiagGGN`,
+        :class:`~cockpit.quantities.DiagHessian`) are computed in the same backward pass
+        (see :mod:`cockpit.curvature`); a :class:`~cockpit.quantities.DiagHessian` that
+        is not provably exact is replaced by a Hutchinson estimate when the block exits
+        (with a warning), and ``Gathered.exact`` says which one it is.
+
         Raises:
             UnsupportedModuleError: A module used in the forward pass cannot give
                 per-sample gradients as configured (e.g. BatchNorm in train mode).
             RuntimeError: No backward pass ran inside the block.
+            ValueError: Curvature requested without a loss module, or with a loss whose
+                reduction or input the engine cannot use.
         """
         requests = tuple(dict.fromkeys(quantities))
+        curvature = tuple(q for q in requests if isinstance(q, CURVATURE))
+        requests = tuple(q for q in requests if not isinstance(q, CURVATURE))
         reduction = self._reduction(reduction)
         directions = {k: dict(v) for k, v in (directions or {}).items()}
         for q in requests:
@@ -345,18 +644,130 @@ class Engine:
         (n,) = sizes
         result = Gathered(batch_size=n, reduction=reduction)
         scale = float(n) if reduction == "mean" else 1.0
-        self._armed = _Armed(self, requests, directions, n, scale, result)
+        armed = _Armed(self, requests, directions, n, scale, result)
+        if curvature:
+            armed.curvature = CurvaturePass(curvature, self, n)
+        self._armed = armed
         try:
             yield result
-            if not self._armed.started:
+            if not armed.started:
                 raise RuntimeError(
                     "no backward pass reached the model's parameters inside gather(); call "
                     "loss.backward() inside the with-block"
                 )
-            if not self._armed.finished:  # e.g. autograd.grad without reaching all leaves
+            if not armed.finished:  # e.g. autograd.grad without reaching all leaves
                 self._end_backward()
+            if armed.curvature is not None:
+                armed.curvature.finish(result)
         finally:
+            armed.curvature = None
             self._armed = None
+
+    # ------------------------------------------------------------- curvature
+    @property
+    def in_curvature_pass(self) -> bool:
+        """True while the engine runs a nested curvature backward pass.
+
+        Tensor hooks that other code registered on the model's intermediate tensors also
+        fire during these nested passes (with batched gradients of the curvature
+        columns, not the loss gradient); such hooks should return early while this is
+        True.
+        """
+        return self._in_curvature
+
+    def manual_seed(self, seed: int) -> None:
+        """Reseed the engine's generators (Monte-Carlo curvature, Hutchinson probes)."""
+        self._seed = int(seed)
+        for gen in self._generators.values():
+            gen.manual_seed(self._seed)
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """The engine's random generator on ``device`` (seeded with the engine's seed)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(self._seed)
+            self._generators[device] = gen
+        return gen
+
+    def hessian_operator(self) -> HessianOperator:
+        """The Hessian of the last recorded batch loss w.r.t. the trainable parameters.
+
+        The operator re-evaluates ``loss_fn(model(inputs), target)`` functionally with the
+        inputs, target and random-number state of the last forward pass with gradients
+        (dropout masks replay; buffers are copies, so BatchNorm statistics do not move),
+        builds its own gradient graph on its first product and frees it when dropped.
+        It needs no ``backward(create_graph=True)`` and leaves ``p.grad`` alone. Valid
+        until the parameters change (e.g. ``optimizer.step()``); flat vectors follow
+        ``model.named_parameters()`` order (shared tensors once).
+
+        Raises:
+            RuntimeError: No forward pass with a loss call was recorded.
+            ValueError: The loss input is not (a reshape of) a tensor the model returned.
+        """
+        rec = self._record
+        if not self._handles:
+            raise RuntimeError("the engine is closed")
+        if rec is None or rec.loss_args is None:
+            raise RuntimeError(
+                "no forward pass of the model followed by a call of the engine's loss_fn was "
+                "recorded (with gradients enabled); run both before hessian_operator()"
+            )
+        if rec.select is None:
+            raise ValueError(rec.select_error)
+        index, ops = rec.select
+        params = {name: p for p, name in self._names.items() if p.requires_grad}
+        buffers = {k: b.clone() for k, b in self.model.named_buffers()}
+        model, loss_fn = self.model, self.loss_fn
+        assert loss_fn is not None
+        loss_args, loss_kwargs = rec.loss_args, rec.loss_kwargs or {}
+
+        def loss(p: dict[str, Tensor]) -> Tensor:
+            devices = [] if rec.cuda_rng is None else list(range(len(rec.cuda_rng)))
+            with self._suspend(), torch.random.fork_rng(devices=devices), twice_differentiable():
+                torch.set_rng_state(rec.rng)
+                if rec.cuda_rng is not None:
+                    torch.cuda.set_rng_state_all(rec.cuda_rng)
+                out = torch.func.functional_call(model, {**buffers, **p}, rec.args, rec.kwargs)
+                x = _replay(tensor_outputs(out)[index], ops)
+                value = loss_fn(x, *loss_args, **loss_kwargs)
+            if rec.loss_value is not None and math.isfinite(rec.loss_value):
+                got = float(value.detach())
+                if not math.isclose(got, rec.loss_value, rel_tol=1e-4, abs_tol=1e-6):
+                    warnings.warn(
+                        f"the re-evaluated loss {got:.6g} differs from the recorded "
+                        f"{rec.loss_value:.6g}: the model is not deterministic given its "
+                        "inputs and random state (or they changed in place); Hessian products "
+                        "describe the re-evaluated loss",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            return value
+
+        return HessianOperator(loss, params)
+
+    @contextmanager
+    def _suspend(self) -> Iterator[None]:
+        old = self._suspended
+        self._suspended = True
+        try:
+            yield
+        finally:
+            self._suspended = old
+
+    def _live_uses(self) -> list[_Use]:
+        return [u for r in self._generation.uses if (u := r()) is not None]
+
+    def _live_activations(self) -> list[_ActivationCall]:
+        return [a for r in self._generation.acts if (a := r()) is not None]
+
+    def _param_bits(self) -> dict[int, int]:
+        return {id(p): 1 << i for i, p in enumerate(self._names)}
+
+    def _params_by_name(self) -> dict[str, nn.Parameter]:
+        return {n: p for p, n in self._names.items()}
 
     def _reduction(self, reduction: str | None) -> str:
         if reduction is None:
@@ -388,6 +799,7 @@ class _Armed:
     pending: dict[str, list[Factor]] = field(default_factory=lambda: defaultdict(list))
     started: bool = False
     finished: bool = False
+    curvature: CurvaturePass | None = None
 
     def start(self) -> None:
         if not self.started:

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -54,7 +55,26 @@ __all__ = [
     "hutchinson_diagonal",
     "lanczos",
     "LanczosResult",
+    "twice_differentiable",
 ]
+
+
+@contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Use kernels that support double backward where torch has alternatives.
+
+    Fused scaled-dot-product attention kernels (flash, memory-efficient) have no
+    derivative of their backward pass; inside this context attention uses the math
+    implementation, so Hessian-vector products through ``nn.MultiheadAttention`` and
+    transformer layers work.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 class LinearOperator:
@@ -148,8 +168,9 @@ class HessianOperator(LinearOperator):
         buffers = {k: b.clone() for k, b in model.named_buffers()}
 
         def loss(p: dict[str, Tensor]) -> Tensor:
-            out = torch.func.functional_call(model, {**buffers, **p}, tuple(inputs))
-            return loss_fn(out, target)
+            with twice_differentiable():
+                out = torch.func.functional_call(model, {**buffers, **p}, tuple(inputs))
+                return loss_fn(out, target)
 
         return cls(loss, params)
 
