@@ -770,7 +770,9 @@ class Engine:
         return {n: p for p, n in self._names.items()}
 
     def _reduction(self, reduction: str | None) -> str:
+        source = ""
         if reduction is None:
+            source = f" (from {type(self.loss_fn).__name__}.reduction)"
             if self.loss_fn is None:
                 raise ValueError("pass reduction='mean' or 'sum' (the engine has no loss_fn)")
             reduction = getattr(self.loss_fn, "reduction", None)
@@ -782,6 +784,7 @@ class Engine:
         if reduction not in ("mean", "sum"):
             raise ValueError(
                 f"reduction must be 'mean' or 'sum' (a scalar batch loss), got {reduction!r}"
+                f"{source}"
             )
         return reduction
 
