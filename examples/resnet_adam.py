@@ -27,14 +27,17 @@ Run it and open the dashboard::
     python -m examples.resnet_adam --logdir runs/resnet
     cockpit dashboard runs/resnet
 
-How to read it (measured with the defaults, 200 steps, seed 0): the loss falls from 2.3
-to about 0.05 and the held-out ``accuracy`` passes 0.9 within 50 steps. Adam's α is
-mostly negative early on (median about −0.5 over the first 50 steps: small steps
-relative to the curvature along them) and drifts up towards 0 as Adam's second-moment
-estimates shrink with the gradients. The distance from the initialization grows
-steadily while the update size stays nearly constant, the signature of Adam's
-normalized steps (SGD's updates shrink with the gradient instead). The gradient tests
-rise as the loss falls: the mean gradient shrinks faster than the individual ones.
+How to read it (measured with the defaults, 200 steps, seeds 0-2): the loss falls from
+2.1 to 0.04-0.08 and the held-out ``accuracy`` passes 0.9 between steps 50 and 70 (0.97-0.98
+at the end). α scatters around 0: its median over any stretch of 50-100 steps lies
+between −0.25 and +0.25, so Adam at lr 1e-3 steps to about the bottom of the local
+parabola along its own update direction (α uses the actual update, not the gradient).
+The distance from the initialization grows quickly at first and then flattens (0.8 after
+20 steps, about 4.2 at the end) while the update size shrinks (0.085 → 0.02-0.03): the
+optimizer settles into a valley. The gradient tests stay below their thresholds (norm test
+0.5-0.8 vs 0.9, inner 0.2-0.45, ortho 0.4-0.7 vs 5.8): the batch of 64 is large enough.
+The gradient histogram stays well inside its range. With the curvature instruments
+available, ``hess_trace`` and ``tic_diag`` get their own panels in the curvature section.
 """
 
 from __future__ import annotations
