@@ -472,7 +472,7 @@ def test_hessian_operator_trace_and_lanczos_match_explicit():
             assert res.converged
             torch.testing.assert_close(res.eigenvalues, top[:k], atol=1e-8, rtol=1e-8)
             vecs = res.eigenvectors
-            torch.testing.assert_close(op @ vecs, vecs * res.eigenvalues, atol=1e-6, rtol=0)
+            torch.testing.assert_close(op @ vecs, vecs * res.eigenvalues, atol=1e-5, rtol=0)
         capped = lanczos(op, k=1, tol=1e-12, max_iter=2, generator=engine.generator())
         assert not capped.converged and capped.num_matvecs == 2
 
