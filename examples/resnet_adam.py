@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cockpit.logreader import read_log
+from cockpit.logreader import read_histograms, read_log
 
 try:
     from examples import _common
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         instruments="business",
         tags={"example": "resnet_adam"},
     )
-    logged = sorted(set(read_log(run).instrument) - {"user"})
+    logged = set(read_log(run).instrument) | set(read_histograms(run).instrument)
+    logged = sorted(logged - {"user"})
     missing = [name for name in CURVATURE if name not in logged]
     if missing:
         log.info(
