@@ -112,6 +112,7 @@ def create_app(
     instruments: Mapping[str, type] | None = None,
     cache_bytes: int = 1 << 30,
     prewarm: bool = True,
+    snapshot_s: float = 3.0,
 ) -> Any:
     """Build the dashboard for the runs under ``root``.
 
@@ -122,6 +123,8 @@ def create_app(
             defaults to the registry :data:`instruments.INSTRUMENTS`.
         cache_bytes: Bound on the rows the server keeps in memory (shared by all clients).
         prewarm: Read the newest run in a background thread right away.
+        snapshot_s: Gauges and latest-histogram panels are rebuilt at most this often (line
+            and heatmap-over-time panels grow on every refresh).
 
     Returns:
         The ``dash.Dash`` app (its Flask server is ``app.server``).
@@ -159,7 +162,7 @@ def create_app(
         return build_layout(panels, str(cache.root), refresh_ms, options)
 
     app.layout = layout
-    register_callbacks(app, cache, panels)
+    register_callbacks(app, cache, panels, snapshot_s=snapshot_s)
     _register_api(app.server, cache)
     app.server.extensions["cockpit_cache"] = cache
     if prewarm:

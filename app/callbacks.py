@@ -169,11 +169,15 @@ def _plain_trace(trace: Any) -> dict[str, Any]:
     return out
 
 
-def plain_figure(fig: go.Figure) -> dict[str, Any]:
+def plain_figure(fig: go.Figure, kind: str = "") -> dict[str, Any]:
     """The figure as a dict whose trace arrays are plain lists (extendable in the browser).
+
+    Also fits legends to the dashboard's cards: horizontal legends go top-right, clear of the
+    title; the alpha gauge's legend goes below the plot and the gradient-tests legend is small.
 
     Args:
         fig: A figure from :mod:`app.figures`.
+        kind: The panel kind.
 
     Returns:
         ``{"data": [...], "layout": {...}}``.
@@ -181,9 +185,17 @@ def plain_figure(fig: go.Figure) -> dict[str, Any]:
     """
     layout = fig.layout.to_plotly_json()
     legend = layout.get("legend")
-    if isinstance(legend, dict) and legend.get("orientation") == "h":
-        # Top-right, clear of the title (which is on the left).
-        layout["legend"] = {**legend, "x": 1.0, "xanchor": "right"}
+    if isinstance(legend, dict):
+        if kind == "alpha":
+            layout["legend"] = {
+                **legend, "orientation": "h", "x": 0.0, "xanchor": "left", "y": -0.22,
+                "yanchor": "top", "font": {"size": 10},
+            }
+            layout["margin"] = {**layout.get("margin", {}), "b": 80}
+        elif kind == "gradient_tests":
+            layout["legend"] = {**legend, "font": {"size": 10}}
+        elif legend.get("orientation") == "h":
+            layout["legend"] = {**legend, "x": 1.0, "xanchor": "right"}
     return {"data": [_plain_trace(trace) for trace in fig.data], "layout": layout}
 
 
@@ -197,6 +209,14 @@ def _state_of(fig: go.Figure | dict) -> dict[str, Any]:
     ]
     builder = meta.get("builder") if isinstance(meta, dict) else None
     return {"meta": meta if builder in ("lines", "hist_time") else None, "axes": sorted(axes)}
+
+
+def _only(panel: Panel, frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows a panel shows: drops the metrics of its instrument it does not declare."""
+    if panel.metrics is None or frame is None or frame.empty:
+        return frame
+    keep = (frame["instrument"] != panel.spec.instrument) | frame["metric"].isin(panel.metrics)
+    return frame if bool(keep.all()) else frame[keep]
 
 
 def _card_class(panel: Panel, compact: bool) -> str:
@@ -223,6 +243,10 @@ class Updater:
         panels: The panel catalog (:func:`app.layout.panel_catalog`).
         max_points: Per-trace point budget of line panels.
         hint_window: Tracked values each hint rule looks at.
+        snapshot_s: Gauges and latest-histogram panels are rebuilt at most this often (they
+            are whole small figures, not extensions); line and heatmap-over-time panels grow
+            on every tick.
+        hints_s: The hints are recomputed at most this often.
     """
 
     def __init__(
@@ -231,8 +255,12 @@ class Updater:
         panels: Sequence[Panel],
         max_points: int = MAX_POINTS,
         hint_window: int = 200,
+        snapshot_s: float = 3.0,
+        hints_s: float = 5.0,
     ) -> None:
         self.cache = cache
+        self.snapshot_s = float(snapshot_s)
+        self.hints_s = float(hints_s)
         self.panels = list(panels)
         self.by_name = {p.name: p for p in self.panels}
         self.max_points = int(max_points)
@@ -257,13 +285,27 @@ class Updater:
             and state.get("v") == _STATE_VERSION
             and isinstance(state.get("panels"), Mapping)
         )
-        if trigger == "tick" and valid and state.get("view") == view.key():
+        if not valid:
+            return self.full(view)
+        old, new = state.get("view") or {}, view.key()
+        changed = {k for k in new if new[k] != old.get(k)}
+        if trigger == "tick" and not changed:
             return self.tick(view, state)
-        if isinstance(trigger, Mapping) and trigger.get("type") == "log" and valid:
-            old = dict(state["view"])
-            old["logs"] = view.key()["logs"]
-            if old == view.key():
-                return self.toggle_log(str(trigger.get("name")), view, state)
+        if changed == {"logs"} and isinstance(trigger, Mapping) and trigger.get("type") == "log":
+            return self.toggle_log(str(trigger.get("name")), view, state)
+        if changed and changed <= {"focus", "layer"}:
+            # Only the panels that depend on the focus run or the layer are rebuilt.
+            names = [
+                p.name for p in self.panels
+                if ("layer" in changed and p.layer)
+                or ("focus" in changed and (p.layer or p.spec.kind in SINGLE_RUN_KINDS))
+            ]
+            result = self.rebuild(names, view, state)
+            if "focus" in changed:
+                data = self._open(view)
+                result.hints = self._hints(view, data)
+                result.state["hints_at"] = time.time()
+            return result
         return self.full(view)
 
     # ---------------------------------------------------------------- data access
@@ -313,6 +355,7 @@ class Updater:
                 for run in runs:
                     log, cursor = data[run]
                     frames[table][run] = log.frame(table, keys, cursor)
+        frames["scalars"] = {r: _only(panel, f) for r, f in frames["scalars"].items()}
         tracks = panel_tracks(spec)
         tracked = not runs or any(
             data[r][0].tracked is None or bool(data[r][0].tracked & tracks) for r in runs
@@ -334,8 +377,8 @@ class Updater:
     def _render(self, panel: Panel, view: View, data: Mapping[str, tuple[RunLog, Cursor]]):
         """``(figure dict, panel state)`` of a fresh build."""
         fig, compact = self.build(panel, view, data)
-        plain = plain_figure(fig)
-        return plain, {**_state_of(plain), "compact": compact}
+        plain = plain_figure(fig, panel.spec.kind)
+        return plain, {**_state_of(plain), "compact": compact, "built": time.time()}
 
     # ---------------------------------------------------------------- full build
     def full(self, view: View) -> Result:
@@ -359,6 +402,7 @@ class Updater:
             "panels": states,
         }
         result.state["status"] = self._status(view, data)
+        result.state["hints_at"] = time.time()
         result.hints = self._hints(view, data)
         result.status = render_status(result.state["status"])
         return result
@@ -386,17 +430,34 @@ class Updater:
                 patch["layout"][axis]["autorange"] = True
             result.figures[name] = patch
             return result
+        return self.rebuild([name], view, state)
+
+    def rebuild(self, names: Sequence[str], view: View, state: Mapping[str, Any]) -> Result:
+        """Rebuild some panels from the rows up to the client's cursors (the others stay).
+
+        Building at the client's cursors keeps every panel consistent with the state, so the
+        next tick extends all of them from the same place.
+
+        Returns:
+            The rebuilt figures and the updated state.
+
+        """
+        result = Result(state={**state, "view": view.key()})
         cursors = state.get("cursors", {})
         data = {
             run: (log, Cursor(**cursors[run]))
             for run, (log, _) in self._open(view).items()
             if run in cursors and cursors[run].get("epoch") == log.epoch
         }
-        fig, new_state = self._render(panel, view, data)
-        result.figures[name] = fig
-        result.state["panels"] = {**state["panels"], name: new_state}
-        if new_state["compact"] != panel_state.get("compact"):
-            result.classes[name] = _card_class(panel, new_state["compact"])
+        panels_state = dict(state["panels"])
+        for name in names:
+            panel = self.by_name[name]
+            fig, new_state = self._render(panel, view, data)
+            result.figures[name] = fig
+            if new_state["compact"] != (panels_state.get(name) or {}).get("compact"):
+                result.classes[name] = _card_class(panel, new_state["compact"])
+            panels_state[name] = new_state
+        result.state["panels"] = panels_state
         return result
 
     # ---------------------------------------------------------------- tick
@@ -419,21 +480,27 @@ class Updater:
             old = cursors[run]
             if any(cursor[t] != old[t] for t in ("scalars", "histograms")):
                 touched[run] = log.touched(Cursor(**old), cursor)
+        now = time.time()
+        panels_state = dict(state["panels"])
+        due = {  # snapshot panels whose rebuild was put off and may happen now
+            name for name, p in panels_state.items()
+            if p and p.get("dirty") and now - p.get("built", 0.0) >= self.snapshot_s
+        }
+        hints_due = state.get("hints_dirty") and now - state.get("hints_at", 0.0) >= self.hints_s
         result = Result()
         status = self._status(view, data)
-        if not touched:
+        if not touched and not due and not hints_due:
             if status != state.get("status"):
                 result.status = render_status(status)
                 result.state = {**state, "status": status}
             return result
-        panels_state = dict(state["panels"])
         for panel in self.panels:
             spec = self._spec(panel, view, len(data))
             if spec is None:
                 continue
             runs = [r for r in self._runs_of(spec, view, data) if r in touched]
             reads = panel_reads(spec)
-            if not any(_touches(reads, touched[r]) for r in runs):
+            if panel.name not in due and not any(_touches(reads, touched[r]) for r in runs):
                 continue
             pstate = panels_state.get(panel.name) or {}
             meta = pstate.get("meta")
@@ -442,7 +509,10 @@ class Updater:
             if builder == "lines":
                 keys = [(i, p) for t, i, p in reads if t == "scalars"]
                 new = {
-                    r: data[r][0].new_rows("scalars", Cursor(**cursors[r]), data[r][1], keys)
+                    r: _only(
+                        panel,
+                        data[r][0].new_rows("scalars", Cursor(**cursors[r]), data[r][1], keys),
+                    )
                     for r in runs
                 }
                 payload, new_meta = extend_lines(new, meta)
@@ -454,6 +524,10 @@ class Updater:
                 )
                 steps, counts, _ = hist_history(new, spec.instrument, spec.param)
                 payload, new_meta = extend_hist_over_time(steps, counts, meta)
+            elif now - pstate.get("built", 0.0) < self.snapshot_s:
+                # A gauge or latest histogram: rebuilt at most every snapshot_s seconds.
+                panels_state[panel.name] = {**pstate, "dirty": True}
+                continue
             if new_meta is not None and not new_meta.get("redraw"):
                 panels_state[panel.name] = {**pstate, "meta": new_meta}
                 if payload is not None:
@@ -469,8 +543,12 @@ class Updater:
             "panels": panels_state,
             "status": status,
         }
-        if view.focus in touched:
-            result.hints = self._hints(view, data)
+        if view.focus in touched or hints_due:
+            if hints_due or now - state.get("hints_at", 0.0) >= self.hints_s:
+                result.hints = self._hints(view, data)
+                result.state.update(hints_at=now, hints_dirty=False)
+            else:
+                result.state["hints_dirty"] = True
         if status != state.get("status"):
             result.status = render_status(status)
         return result
@@ -555,6 +633,16 @@ function(n, id) {
 }
 """
 
+# The interval only fires the main callback when no main request is in flight (its output
+# "status" carries data-dash-is-loading meanwhile). Otherwise slow answers would be dropped by
+# the renderer in favour of newer requests, over and over.
+_PULSE_JS = """
+function(n) {
+    const busy = document.querySelector('#status[data-dash-is-loading="true"]');
+    return busy ? window.dash_clientside.no_update : n;
+}
+"""
+
 _LIVE_JS = """
 function(value) { return !(value && value.indexOf("live") >= 0); }
 """
@@ -566,19 +654,22 @@ def _run_options(cache: LogCache) -> list[dict[str, str]]:
     ]
 
 
-def register_callbacks(app: Dash, cache: LogCache, panels: Sequence[Panel]) -> Updater:
+def register_callbacks(
+    app: Dash, cache: LogCache, panels: Sequence[Panel], **updater_options: Any
+) -> Updater:
     """Attach the dashboard's callbacks to ``app``.
 
     Args:
         app: The Dash app whose layout comes from :func:`app.layout.build_layout`.
         cache: The shared run cache.
         panels: The panel catalog used for the layout.
+        **updater_options: Keyword arguments of :class:`Updater`.
 
     Returns:
         The :class:`Updater` behind the main callback.
 
     """
-    updater = Updater(cache, panels)
+    updater = Updater(cache, panels, **updater_options)
 
     @app.callback(
         Output("runs", "value"),
@@ -669,7 +760,7 @@ def register_callbacks(app: Dash, cache: LogCache, panels: Sequence[Panel]) -> U
         Output("state", "data"),
         Output("hints", "children"),
         Output("status", "children"),
-        Input("tick", "n_intervals"),
+        Input("pulse", "data"),
         Input("runs", "value"),
         Input("focus", "value"),
         Input("smoothing", "value"),
@@ -683,7 +774,7 @@ def register_callbacks(app: Dash, cache: LogCache, panels: Sequence[Panel]) -> U
         names = [o["id"]["name"] for o in ctx.outputs_list[0]]
         log_names = [i["id"]["name"] for i in ctx.inputs_list[6]]
         view = View.parse(runs, focus, smoothing, x, layer, dict(zip(log_names, logs, strict=True)))
-        trigger = ctx.triggered_id
+        trigger = "tick" if ctx.triggered_id == "pulse" else ctx.triggered_id
         result = updater.update(trigger, view, state)
         return (
             [result.figures.get(n, no_update) for n in names],
@@ -695,6 +786,9 @@ def register_callbacks(app: Dash, cache: LogCache, panels: Sequence[Panel]) -> U
         )
 
     app.clientside_callback(_LIVE_JS, Output("tick", "disabled"), Input("live", "value"))
+    app.clientside_callback(
+        _PULSE_JS, Output("pulse", "data"), Input("tick", "n_intervals"), prevent_initial_call=True
+    )
     app.clientside_callback(
         _CSV_JS,
         Output({"type": "csvdata", "name": MATCH}, "data"),

@@ -281,6 +281,13 @@ def empty_frame(table: str = "scalars") -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+def _concat_categorical(columns: list[pd.Categorical]) -> pd.Categorical:
+    first = columns[0].categories
+    if all(c.categories.equals(first) for c in columns[1:]):  # the usual case: no recoding
+        return pd.Categorical.from_codes(np.concatenate([c.codes for c in columns]), first)
+    return union_categoricals(columns)
+
+
 def _concat(frames: Sequence[pd.DataFrame], table: str) -> pd.DataFrame:
     """Concatenate frames of one table, keeping categoricals categorical (union of categories)."""
     frames = [f for f in frames if len(f)]
@@ -291,7 +298,7 @@ def _concat(frames: Sequence[pd.DataFrame], table: str) -> pd.DataFrame:
     cols: dict[str, Any] = {}
     for name in _COLUMNS[table]:
         if name in _CATEGORICAL:
-            cols[name] = union_categoricals([f[name].array for f in frames])
+            cols[name] = _concat_categorical([f[name].array for f in frames])
         else:
             cols[name] = np.concatenate([f[name].to_numpy() for f in frames])
     return pd.DataFrame(cols, copy=False)

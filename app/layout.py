@@ -16,7 +16,8 @@ Component ids (used by :mod:`app.callbacks`): each panel's graph is
 ``{"type": "download", ...}`` and card ``{"type": "card", ...}`` share the name. Global
 controls: ``runs``, ``focus``, ``smoothing``, ``xaxis``, ``live``, ``layer``; the single
 ``dcc.Interval`` is ``tick`` and the per-client cursor and figure states live in the
-``dcc.Store`` ``state``.
+``dcc.Store`` ``state``. ``pulse`` relays the interval to the main callback (see
+:mod:`app.callbacks`).
 """
 
 from __future__ import annotations
@@ -105,12 +106,15 @@ class Panel:
         spec: The figure spec (see :func:`app.figures.build_panel`).
         section: Key of the section it is shown in (see :data:`SECTIONS`).
         layer: Whether ``spec.param`` comes from the layer picker.
+        metrics: Only these metrics of ``spec.instrument`` are shown (``None``: all), e.g. the
+            learning rate alone, as the hyperparameters instrument declares.
 
     """
 
     spec: PanelSpec
     section: str
     layer: bool = False
+    metrics: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -217,14 +221,22 @@ def panel_catalog(instruments: Mapping[str, type] | None = None) -> list[Panel]:
     by_name = {spec.name: spec for spec in DEFAULT_PANELS}
     placed: dict[str, list[Panel]] = {key: [] for key, _, _ in SECTIONS}
     used: set[str] = set()
+
+    def builtin(spec: PanelSpec, section: str) -> Panel:
+        declared = getattr(instruments.get(spec.instrument), "panel", None)
+        metrics = None
+        if spec.kind == "hyperparameters" and getattr(declared, "metrics", None):
+            metrics = tuple(declared.metrics)
+        return Panel(spec, section, metrics=metrics)
+
     for section, names in _PLACEMENT.items():
         for name in names:
             if name in by_name:
-                placed[section].append(Panel(by_name[name], section))
+                placed[section].append(builtin(by_name[name], section))
                 used.add(name)
     for spec in DEFAULT_PANELS:  # built-ins not placed above go by their group
         if spec.name not in used:
-            placed[_SECTION_OF_GROUP.get(spec.group, "other")].append(Panel(spec, "other"))
+            placed[_SECTION_OF_GROUP.get(spec.group, "other")].append(builtin(spec, "other"))
     placed["layers"] += [Panel(spec, "layers", layer=True) for spec in LAYER_PANELS]
     covered = {inst for spec in DEFAULT_PANELS for _, inst, _ in panel_reads(spec)}
     for name, cls in instruments.items():
@@ -353,6 +365,7 @@ def build_layout(
         children=[
             dcc.Location(id="url", refresh=False),
             dcc.Interval(id="tick", interval=int(refresh_ms), n_intervals=0),
+            dcc.Store(id="pulse", storage_type="memory"),
             dcc.Store(id="state", storage_type="memory"),
             html.Header(
                 className="cp-header",

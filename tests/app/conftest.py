@@ -157,7 +157,7 @@ class DashSession:
                 {"id": "status", "property": "children"},
             ],
             "inputs": [
-                {"id": "tick", "property": "n_intervals", "value": self.ticks},
+                {"id": "pulse", "property": "data", "value": self.ticks},
                 {"id": "runs", "property": "value", "value": list(runs)},
                 {"id": "focus", "property": "value", "value": focus},
                 {"id": "smoothing", "property": "value", "value": smoothing},
@@ -170,7 +170,7 @@ class DashSession:
                 ],
             ],
             "state": [{"id": "state", "property": "data", "value": self.state}],
-            "changedPropIds": [trigger if "." in trigger else f"{trigger}.n_intervals"],
+            "changedPropIds": ["pulse.data" if trigger == "tick" else trigger],
         }
         status, answer = self._post("/_dash-update-component", body)
         out: dict[str, Any] = {"figure": {}, "extendData": {}, "className": {}, "http": status}

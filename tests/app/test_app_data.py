@@ -333,7 +333,7 @@ def test_tick_sends_only_new_points_and_grows_like_a_rebuild(root):
     try:
         write_steps(w, range(0, 30))
         w.flush()
-        app = create_app(root, prewarm=False)
+        app = create_app(root, prewarm=False, snapshot_s=0.0)
         app.server.extensions["cockpit_cache"].min_refresh_s = 0.0
         page = flask_session(app)
         first = page.update("runs.value", runs=["r"], focus="r", smoothing=0.5)
