@@ -30,12 +30,13 @@ Run it and compare the twins in the dashboard::
     python -m examples.bug_learning_rate --logdir runs/learning_rate
     cockpit dashboard runs/learning_rate
 
-In the dashboard's α panel (the unit parabola with the density of α over all steps and
-over the recent ones), the broken run's mass sits at +1, on the far wall, the healthy
-run's around 0, at the bottom; the dashboard's hint "learning rate probably too large"
-fires for the broken run (median α above 0.5). The loss panels of both runs fall. The
-script logs the median α, the loss at step 0, over steps 10-19 and over the last 10, and
-the dashboard hints of each twin, and returns them.
+In the dashboard, select both runs under "Runs": their loss curves both fall. The α
+panel (the unit parabola with the density of α over all steps and over the recent ones)
+shows the run chosen under "Gauges & histograms of": for the broken run the mass sits
+at +1, on the far wall of the parabola, for the healthy run around 0, at the bottom. The
+dashboard's hint "learning rate probably too large" fires for the broken run (median α
+above 0.5). The script logs the median α, the loss at step 0, over steps 10-19 and over
+the last 10, and the dashboard hints of each twin, and returns them.
 """
 
 from __future__ import annotations

@@ -26,15 +26,16 @@ Run it and compare the twins in the dashboard::
     python -m examples.bug_unnormalized_inputs --logdir runs/unnormalized
     cockpit dashboard runs/unnormalized
 
-In the dashboard, pick both runs: the broken run's gradient histogram has spikes at both
-ends (log scale makes them obvious), the healthy one is a narrow peak around zero; the
-per-layer histograms show the spikes come from the first layer (``1.weight``), which sees
-the raw inputs. The dashboard's hint "edge bins" looks at the latest histogram and fires
-while its edge mass is above 5 %, i.e. during the first steps of the broken run (watch it
-live). Late in the broken run the dashboard also flags the first layer as "vanishing":
-the same layer's gradients are tiny for most samples and huge for a few, both signs of
-a badly scaled input. The script logs the edge-bin masses, the ratio and the dashboard
-hints of each twin, and returns them.
+In the dashboard, select both runs under "Runs"; the histogram panels show one run at a
+time, chosen under "Gauges & histograms of". Switch between them: the broken run's
+gradient histogram has a spike in each edge bin, the healthy one is a narrow peak around
+zero. In the per-layer section, pick ``1.weight`` (the first layer, which sees the raw
+inputs): that is where the spikes come from. The dashboard's hint "edge bins" looks at
+the latest histogram and fires while its edge mass is above 5 %, i.e. during the first
+steps of the broken run (watch it live). Late in the broken run the dashboard also flags
+the first layer as "vanishing": the same layer's gradients are tiny for most samples and
+huge for a few, both signs of a badly scaled input. The script logs the edge-bin masses,
+the ratio and the dashboard hints of each twin, and returns them.
 """
 
 from __future__ import annotations

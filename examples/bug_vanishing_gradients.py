@@ -17,7 +17,7 @@ histogram of individual gradient entry × parameter value). This example zooms t
 axis to ±0.1 (40 bins, so the two central bins hold |g| < 0.005); with Cockpit's default ±1
 (central bins |g| < 0.05), 80 % of the healthy twin's first-layer entries would already sit
 in the central bins at initialization. A layer with vanishing gradients has all its mass in
-the central gradient bins: a thin vertical line at g = 0. Measured over seeds 0-3, the
+the central gradient bins (a single line at gradient 0). Measured over seeds 0-3, the
 fraction of the first layer's mass in the central bins, averaged over the tracked steps, is
 1.00 for the sigmoid twin vs 0.52-0.57 for the healthy one (60 steps, the tests' setting;
 0.63-0.67 over 100 steps, as the healthy twin's gradients shrink with its loss). In the
@@ -32,13 +32,14 @@ Run it and compare the twins in the dashboard::
     python -m examples.bug_vanishing_gradients --logdir runs/vanishing
     cockpit dashboard runs/vanishing
 
-In the dashboard, open the per-layer gradient/parameter histograms (the layer grid): in
-the broken run the early layers are single lines at zero gradient and only the last
-layers spread out; in the healthy run every layer has width. The dashboard's hint
-"vanishing gradients in layers ..." fires for the broken run (layers with ≥ 99 % of
-their mass in the central bins while others still get signal). The script logs the
-central-bin mass per layer, the test accuracy and the dashboard hints of each twin, and
-returns them.
+In the dashboard, choose a run under "Gauges & histograms of" and look at the layer grid
+(the small per-layer gradient × parameter histograms, each titled with its share of mass
+in the central gradient bins): in the broken run the early layers are a single bright
+row at gradient 0 and only the last layers spread out; in the healthy run every layer
+has width. The dashboard's hint "vanishing gradients in layers ..." fires for the broken
+run (layers with ≥ 99 % of their mass in the central bins while others still get
+signal). The script logs the central-bin mass per layer, the test accuracy and the
+dashboard hints of each twin, and returns them.
 """
 
 from __future__ import annotations
