@@ -6,7 +6,7 @@ Nothing here downloads anything:
   scikit-learn), as ``[N, 1, 8, 8]`` images or flat ``[N, 64]`` vectors, standardized or
   with their raw pixel values 0..16.
 * :func:`char_corpus` — English prose for a character language model: the module docstrings
-  of a few standard-library modules (about 12 000 characters).
+  of a few standard-library modules (Python 3.11: 11 468 characters, 89 distinct).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "RunResult",
     "batches",
     "char_corpus",
+    "char_windows",
     "dashboard_hints",
     "digits",
     "evaluate",
@@ -177,15 +178,20 @@ class CharCorpus:
 
     def windows(self, batch_size: int, seq_len: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """Random ``[B, T]`` input windows and their next-character targets."""
-        start = torch.randint(0, len(self.ids) - seq_len - 1, (batch_size,), generator=gen)
-        offsets = torch.arange(seq_len)
-        x = self.ids[start[:, None] + offsets]
-        y = self.ids[start[:, None] + offsets + 1]
-        return x, y
+        return char_windows(self.ids, batch_size, seq_len, gen)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a sequence of ids."""
         return "".join(self.vocab[int(i)] for i in ids)
+
+
+def char_windows(
+    ids: Tensor, batch_size: int, seq_len: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Random ``[B, T]`` windows of ``ids`` and their targets (the same windows shifted by one)."""
+    start = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=gen)
+    offsets = torch.arange(seq_len)
+    return ids[start[:, None] + offsets], ids[start[:, None] + offsets + 1]
 
 
 def char_corpus(modules: Sequence[str] = CORPUS_MODULES) -> CharCorpus:
