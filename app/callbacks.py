@@ -188,10 +188,10 @@ def plain_figure(fig: go.Figure, kind: str = "") -> dict[str, Any]:
     if isinstance(legend, dict):
         if kind == "alpha":
             layout["legend"] = {
-                **legend, "orientation": "h", "x": 0.0, "xanchor": "left", "y": -0.22,
+                **legend, "orientation": "h", "x": 0.0, "xanchor": "left", "y": -0.3,
                 "yanchor": "top", "font": {"size": 10},
             }
-            layout["margin"] = {**layout.get("margin", {}), "b": 80}
+            layout["margin"] = {**layout.get("margin", {}), "b": 90}
         elif kind == "gradient_tests":
             layout["legend"] = {**legend, "font": {"size": 10}}
         elif legend.get("orientation") == "h":

@@ -257,6 +257,7 @@ def panel_catalog(instruments: Mapping[str, type] | None = None) -> list[Panel]:
 # --------------------------------------------------------------------------------------------
 _GRAPH_CONFIG = {
     "displaylogo": False,
+    "displayModeBar": "hover",
     "responsive": True,
     "modeBarButtonsToRemove": ["lasso2d", "select2d", "toImage"],
 }

@@ -9,6 +9,7 @@ entry. A screenshot of the page is saved to ``docs/screenshot.png``.
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -157,6 +158,19 @@ def toggle_run(driver, run):
     driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
 
 
+def save_screenshot(driver):
+    """The whole page (not just the window) as docs/screenshot.png."""
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {"format": "png", "captureBeyondViewport": True,
+         "clip": {"x": 0, "y": 0, "width": 1600, "height": height, "scale": 1}},
+    )
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+    assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def set_smoothing(driver, key):
     from selenium.webdriver.common.by import By
 
@@ -224,23 +238,6 @@ def test_zoom_survives_refreshes(browser, server):
     assert xrange == [2, 7]
 
 
-def test_smoothing_slider_changes_the_plotted_data(browser, server):
-    from selenium.webdriver.common.keys import Keys
-
-    smooth = panels(browser)["performance"]  # the page starts at smoothing 0.6
-    assert len(smooth["traces"]) == 4  # loss and accuracy: a faint raw line, then the EMA
-    raw, ema = smooth["traces"][:2]
-    assert raw["opacity"] < 1 and ema["opacity"] == 1
-    assert max(ema["y"]) - min(ema["y"]) < max(raw["y"]) - min(raw["y"])
-    set_smoothing(browser, Keys.HOME)  # 0: one plain line per series
-    plain = wait_panels(
-        browser, lambda p: len(p["performance"]["traces"]) == 2, 20, "unsmoothed lines"
-    )
-    assert [t["opacity"] for t in plain["performance"]["traces"]] == [1, 1]
-    slider = browser.find_element("css selector", "#smoothing [role=slider]")
-    assert slider.get_attribute("aria-valuenow") == "0"
-
-
 def test_log_toggle_flips_the_axis_and_keeps_the_points(browser, server):
     from selenium.webdriver.common.by import By
 
@@ -272,14 +269,7 @@ def test_overlay_and_switch_runs(browser, server):
     wait_panels(browser, lambda p: p["alpha"]["title"].endswith("— adam"), 15, "focus on adam")
     status = text(browser, "status")
     assert "sgd" in status and "adam" in status
-    # Screenshot of the comparison (full page).
-    height = browser.execute_script("return document.documentElement.scrollHeight")
-    browser.set_window_size(1600, height + 40)
-    time.sleep(1.0)  # let Plotly finish its resize
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    assert browser.save_screenshot(str(SCREENSHOT))
-    assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    browser.set_window_size(1600, 1000)
+    save_screenshot(browser)
     # Switch: only adam.
     toggle_run(browser, "sgd")
     wait_panels(
@@ -302,6 +292,23 @@ def test_csv_download_is_what_the_panel_shows(browser, server):
     assert len(rows) == points(shown)
     assert {r["trace"] for r in rows} == {t["name"] for t in shown["traces"]}
     browser.find_element(By.ID, "live").find_element(By.TAG_NAME, "label").click()  # resume
+
+
+def test_smoothing_slider_changes_the_plotted_data(browser, server):
+    from selenium.webdriver.common.keys import Keys
+
+    smooth = panels(browser)["performance"]  # the page starts at smoothing 0.6
+    assert len(smooth["traces"]) == 4  # loss and accuracy: a faint raw line, then the EMA
+    raw, ema = smooth["traces"][:2]
+    assert raw["opacity"] < 1 and ema["opacity"] == 1
+    assert max(ema["y"]) - min(ema["y"]) < max(raw["y"]) - min(raw["y"])
+    set_smoothing(browser, Keys.HOME)  # 0: one plain line per series
+    plain = wait_panels(
+        browser, lambda p: len(p["performance"]["traces"]) == 2, 20, "unsmoothed lines"
+    )
+    assert [t["opacity"] for t in plain["performance"]["traces"]] == [1, 1]
+    slider = browser.find_element("css selector", "#smoothing [role=slider]")
+    assert slider.get_attribute("aria-valuenow") == "0"
 
 
 def test_a_run_deleted_while_shown(browser, server, live_root):
@@ -341,8 +348,11 @@ def test_empty_root_shows_a_clear_empty_state(browser, tmp_path):
         browser.get(srv.url + "/")
         notice = wait_for(lambda: text(browser, "notice"), 30, "a notice")
         assert "No runs under" in notice
-        shown = wait_panels(browser, lambda p: "performance" in p, 30, "the panels")
-        assert "no data yet" in shown["performance"]["notes"]
+        shown = wait_panels(
+            browser, lambda p: "no data yet" in p.get("performance", {}).get("notes", []), 30,
+            "the empty state of the panels",
+        )
+        assert "no data yet" in shown["alpha"]["notes"]
         with LogWriter(tmp_path / "first", metadata()) as w:  # a run appears while watching
             write_steps(w, range(3))
         wait_for(lambda: _options_contain(browser, "first"), 15, "the new run in the list")
