@@ -506,6 +506,7 @@ class CurvaturePass:
             raise ValueError(
                 "the loss module's input does not depend on the parameters (no autograd graph)"
             )
+        self.loss_key = (loss.input.grad_fn._sequence_nr(), loss.input.output_nr)
         if loss.input.dim() == 0 or loss.input.shape[0] % n:
             raise ValueError(
                 f"the loss input has shape {tuple(loss.input.shape)}, whose rows do not split "
@@ -544,7 +545,7 @@ class CurvaturePass:
                     )
             self.hessian_exact = not reasons
             self.reason = "; ".join(reasons)
-        self.ggn = {}  # key -> _Target, key: ("exact",) or ("mc", M)
+        self.ggn: dict[int, _Target] = {}  # {mc_samples (0: exact): accumulator}
         for q in self.requests:
             if isinstance(q, DiagGGN):
                 self.ggn[q.mc_samples] = _Target()

@@ -12,6 +12,11 @@ No state is stored on modules or parameters, the hooks never change gradients
 (``p.grad`` is exactly what a plain backward gives), and all handles are removed by
 :meth:`Engine.close` (or on leaving ``with Engine(...)``).
 
+Curvature (:class:`~cockpit.quantities.DiagGGN`, :class:`~cockpit.quantities.DiagHessian`)
+is gathered in the same backward pass by nested vector-Jacobian products started from a
+hook on the loss module's input (:mod:`cockpit.curvature`); :meth:`Engine.hessian_operator`
+gives Hessian-vector products of the last recorded step (:mod:`cockpit.linops`).
+
 Example:
     >>> import torch
     >>> from cockpit.engine import Engine
@@ -25,6 +30,20 @@ Example:
     ...         loss.backward()
     >>> result[BatchL2()]["0.weight"].shape
     torch.Size([4])
+
+    Curvature in the same pass, and Hessian-vector products afterwards:
+
+    >>> from cockpit.quantities import DiagGGN
+    >>> from cockpit.linops import lanczos
+    >>> with Engine(model, loss_fn, seed=0) as engine:
+    ...     loss = loss_fn(model(x), y)
+    ...     with engine.gather([DiagGGN(), DiagGGN(mc_samples=1)]) as result:
+    ...         loss.backward()
+    ...     top = lanczos(engine.hessian_operator(), k=1)
+    >>> result[DiagGGN()]["0.weight"].shape, result.exact[DiagGGN()]
+    (torch.Size([2, 3]), True)
+    >>> bool(top.eigenvalues[0] <= result.total(DiagGGN()) + 1e-6)  # λ_max ≤ trace (PSD)
+    True
 """
 
 from __future__ import annotations
@@ -159,6 +178,17 @@ def _detach(x):
     if isinstance(x, dict):
         return {k: _detach(v) for k, v in x.items()}
     return x
+
+
+class _Bare(nn.Module):
+    """Calls the wrapped module's ``forward`` without running the module's own hooks."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):  # noqa: D102
+        return self.inner.forward(*args, **kwargs)
 
 
 def _signed(d: int) -> int:
@@ -429,8 +459,16 @@ class Engine:
         rec = self._record
         if rec is None or self._suspended or not torch.is_grad_enabled():
             return
-        rec.out_keys = [_key(o) for o in tensor_outputs(output)]
+        outs = tensor_outputs(output)
+        rec.out_keys = [_key(o) for o in outs]
         rec.out_type = type(output).__name__
+        # The curvature pass starts from whichever output feeds the loss. Hooking the
+        # outputs here, before hooks that others register on them later, means such hooks
+        # see the loss gradient last (after the nested curvature passes, during which they
+        # fire too, with curvature columns).
+        for o, key in zip(outs, rec.out_keys, strict=True):
+            if key is not None and o.requires_grad:
+                o.register_hook(self._output_grad_hook(key))
 
     def _loss_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if self._suspended or not torch.is_grad_enabled():
@@ -446,9 +484,9 @@ class Engine:
         gen = self._generation
         gen.loss = _LossCall(x, _detach(target))
         gen.loss_calls += 1
-        if x.requires_grad:
-            x.register_hook(self._loss_grad_hook)
         rec = self._record
+        if x.requires_grad and (rec is None or _key(x) not in (rec.out_keys or ())):
+            x.register_hook(self._output_grad_hook(None))
         if rec is not None:
             rec.loss_args, rec.loss_kwargs = _detach(rest), _detach(kwargs)
             rec.select, rec.select_error = self._select(rec, x)
@@ -485,16 +523,22 @@ class Engine:
             "compute the loss directly on a tensor the model returns (or a reshape of it)"
         )
 
-    def _loss_grad_hook(self, grad: Tensor) -> None:
-        if self._in_curvature:
-            return
-        armed = self._armed
-        if armed is None or armed.finished:
-            self._queue_reset()
-            return
-        armed.start()
-        if armed.curvature is not None:
-            armed.curvature.on_loss_grad()
+    def _output_grad_hook(self, key: tuple[int, int] | None):
+        """Tensor hook on a model output (``key``) or on a loss input that is none (None)."""
+
+        def hook(grad: Tensor) -> None:
+            if self._in_curvature:
+                return
+            armed = self._armed
+            if armed is None or armed.finished:
+                self._queue_reset()
+                return
+            armed.start()
+            curvature = armed.curvature
+            if curvature is not None and (key is None or key == curvature.loss_key):
+                curvature.on_loss_grad()
+
+        return hook
 
     def _grad_hook(self, use: _Use, index: int):
         def hook(grad: Tensor) -> None:
@@ -699,6 +743,9 @@ class Engine:
         inputs, target and random-number state of the last forward pass with gradients
         (dropout masks replay; buffers are copies, so BatchNorm statistics do not move),
         builds its own gradient graph on its first product and frees it when dropped.
+        The re-evaluation calls ``model.forward`` and ``loss_fn.forward`` directly, so
+        hooks registered on the model itself and on the loss module (e.g. a Cockpit's)
+        do not see it; hooks on submodules do.
         It needs no ``backward(create_graph=True)`` and leaves ``p.grad`` alone. Valid
         until the parameters change (e.g. ``optimizer.step()``); flat vectors follow
         ``model.named_parameters()`` order (shared tensors once).
@@ -720,7 +767,7 @@ class Engine:
         index, ops = rec.select
         params = {name: p for p, name in self._names.items() if p.requires_grad}
         buffers = {k: b.clone() for k, b in self.model.named_buffers()}
-        model, loss_fn = self.model, self.loss_fn
+        bare, loss_fn = _Bare(self.model), self.loss_fn
         assert loss_fn is not None
         loss_args, loss_kwargs = rec.loss_args, rec.loss_kwargs or {}
 
@@ -730,9 +777,10 @@ class Engine:
                 torch.set_rng_state(rec.rng)
                 if rec.cuda_rng is not None:
                     torch.cuda.set_rng_state_all(rec.cuda_rng)
-                out = torch.func.functional_call(model, {**buffers, **p}, rec.args, rec.kwargs)
+                state = {f"inner.{k}": v for k, v in {**buffers, **p}.items()}
+                out = torch.func.functional_call(bare, state, rec.args, rec.kwargs)
                 x = _replay(tensor_outputs(out)[index], ops)
-                value = loss_fn(x, *loss_args, **loss_kwargs)
+                value = loss_fn.forward(x, *loss_args, **loss_kwargs)
             if rec.loss_value is not None and math.isfinite(rec.loss_value):
                 got = float(value.detach())
                 if not math.isclose(got, rec.loss_value, rel_tol=1e-4, abs_tol=1e-6):

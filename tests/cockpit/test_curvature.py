@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import gc
 import math
 import warnings
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cockpit.engine
 from cockpit.engine import Engine
 from cockpit.layers import UnsupportedModuleError
 from cockpit.linops import hutchinson_trace, lanczos
@@ -624,13 +626,30 @@ def test_grads_unchanged_by_curvature():
     model = models.ResNet()
     x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,))
     loss_fn = nn.CrossEntropyLoss()
-    loss_fn(model(x), y).backward()
+    out = model(x)
+    loss_fn(out, y).backward()
     plain = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
     with Engine(model, loss_fn) as engine:
+        seen = []  # a hook registered after the engine's on the model output (as Cockpit does)
+
+        def foreign(module, args, output):
+            output.register_hook(lambda g: seen.append((engine.in_curvature_pass, g)))
+
+        model.register_forward_hook(foreign)
         loss = loss_fn(model(x), y)
         with pytest.warns(UserWarning, match="Hutchinson"):
             with engine.gather([DiagGGN(), DiagGGN(2), DiagHessian(probes=4), BatchL2()]):
                 loss.backward()
         for k, p in model.named_parameters():
             assert torch.equal(p.grad, plain[k]), k
+    # it also fired during the nested curvature passes, flagged, and saw the loss gradient last
+    assert [flag for flag, _ in seen[:-1]] == [True] * (len(seen) - 1) and len(seen) > 1
+    assert seen[-1][0] is False
+    expected = torch.softmax(out, 1).sub(F.one_hot(y, 3)).div(4)  # d(mean CE)/d logits
+    torch.testing.assert_close(seen[-1][1], expected.detach(), **TOL)
+
+
+def test_engine_doctests():
+    failures, tried = doctest.testmod(cockpit.engine)
+    assert tried > 0 and failures == 0
