@@ -32,6 +32,7 @@ Frames use the log schema of :mod:`app.transforms`, with ``instrument``, ``metri
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -281,10 +282,21 @@ def empty_frame(table: str = "scalars") -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+@functools.lru_cache(maxsize=4096)
+def _dtype(names: tuple[str, ...]) -> pd.CategoricalDtype:
+    """One shared dtype per category list (building and validating one costs ~0.2 ms)."""
+    return pd.CategoricalDtype(list(names))
+
+
+def _categorical(codes: np.ndarray, names: tuple[str, ...]) -> pd.Categorical:
+    return pd.Categorical.from_codes(codes, dtype=_dtype(names), validate=False)
+
+
 def _concat_categorical(columns: list[pd.Categorical]) -> pd.Categorical:
-    first = columns[0].categories
-    if all(c.categories.equals(first) for c in columns[1:]):  # the usual case: no recoding
-        return pd.Categorical.from_codes(np.concatenate([c.codes for c in columns]), first)
+    first = columns[0].dtype
+    if all(c.dtype is first or c.dtype == first for c in columns[1:]):  # usual: no recoding
+        codes = np.concatenate([c.codes for c in columns])
+        return pd.Categorical.from_codes(codes, dtype=first, validate=False)
     return union_categoricals(columns)
 
 
@@ -417,17 +429,15 @@ def _split(cols: _Columns, table: str) -> dict[tuple[str, str], pd.DataFrame]:
         cols: dict[str, Any] = {}
         for name in _COLUMNS[table]:
             if name == "instrument":
-                cols[name] = pd.Categorical.from_codes(zeros, categories=[inst])
+                cols[name] = _categorical(zeros, (inst,))
             elif name == "param":
-                cols[name] = pd.Categorical.from_codes(zeros, categories=[param])
+                cols[name] = _categorical(zeros, (param,))
             elif name == "metric":
                 sub = metric_codes[a:b]
                 used = np.unique(sub)
                 remap = np.zeros(len(metric_names), np.int32)
                 remap[used] = np.arange(used.size)
-                cols[name] = pd.Categorical.from_codes(
-                    remap[sub], categories=[metric_names[i] for i in used]
-                )
+                cols[name] = _categorical(remap[sub], tuple(metric_names[i] for i in used))
             else:
                 cols[name] = plain[name][a:b]
         out[(inst, param)] = pd.DataFrame(cols, copy=False)
@@ -702,6 +712,48 @@ class RunLog:
         with self._lock:
             pieces = [p for b in self._select(table, keys) for p in b.tail(n, upto[table])]
         return _concat(pieces, table)
+
+    def new_series(
+        self, since: Cursor | None, upto: Cursor
+    ) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The new scalar rows as numpy arrays per ``(instrument, metric, param)``: O(new rows).
+
+        Args:
+            since: The client's cursor (``None``: from the start).
+            upto: A cursor returned by :meth:`refresh`.
+
+        Returns:
+            ``{(instrument, metric, param): (step, wall_time, value)}`` in read order (not
+            sorted, duplicates kept), for the rows with ``since < cursor <= upto``.
+
+        """
+        lo, hi = (-1 if since is None else int(since["scalars"])), int(upto["scalars"])
+        with self._lock:
+            pieces = [
+                (key, piece)
+                for key, bucket in self._buckets["scalars"].items()
+                for piece in bucket.rows(lo, hi)
+            ]
+        grouped: dict[tuple[str, str, str], list[tuple[np.ndarray, ...]]] = {}
+        for (inst, param), piece in pieces:
+            metric = piece["metric"].array
+            codes = metric.codes
+            step = piece["step"].to_numpy()
+            wall = piece["wall_time"].to_numpy()
+            value = piece["value"].to_numpy()
+            names = metric.categories
+            if len(names) == 1:
+                grouped.setdefault((inst, str(names[0]), param), []).append((step, wall, value))
+                continue
+            for code in np.unique(codes):
+                mask = codes == code
+                grouped.setdefault((inst, str(names[code]), param), []).append(
+                    (step[mask], wall[mask], value[mask])
+                )
+        return {
+            key: tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+            for key, parts in grouped.items()
+        }
 
     def touched(self, since: Cursor, upto: Cursor) -> set[tuple[str, str, str]]:
         """``(table, instrument, param)`` of every bucket with rows after ``since``.

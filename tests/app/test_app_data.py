@@ -466,3 +466,51 @@ def test_frames_have_the_log_schema(root):
     frame = log.frame("scalars", [("loss", "all")], c)
     assert list(frame.columns) == ["step", "wall_time", "instrument", "metric", "param", "value"]
     assert frame["step"].dtype == np.int64 and isinstance(frame, pd.DataFrame)
+
+
+def test_fast_extension_equals_the_reference(root):
+    from app import figures as F
+    from app.callbacks import extend_lines_fast
+
+    cache = LogCache(root, min_refresh_s=0.0)
+    w = writer(root / "r")
+    try:
+        write_steps(w, range(0, 30), instruments=("loss", "grad_norm", "alpha", "user"))
+        for s in range(30):
+            w.add_scalars(s, [("user", "accuracy", "all", s / 30),
+                              ("hyperparameters", "lr", "group0", 0.1 / (1 + s))])
+        w.flush()
+        log, c1 = cache.get("r")
+        full = {"r": log.frame("scalars", None, c1)}
+        states = {
+            "perf": F.performance_figure(full, smoothing=0.7).layout.meta,
+            "loss": F.line_figure(full, "loss", smoothing=0.6).layout.meta,
+            "alpha": F.line_figure(full, "alpha").layout.meta,
+            "norm_wall": F.line_figure(full, "grad_norm", smoothing=0.5, x="wall_time").layout.meta,
+            "per_param": F.line_figure(full, "grad_norm", param=PARAMS[0]).layout.meta,
+            "budget": F.line_figure(full, "loss", max_points=40).layout.meta,
+            "hp": F.hyperparameter_figure(full).layout.meta,
+            "other_run": F.line_figure({"q": full["r"]}, "loss").layout.meta,
+            "empty": F.line_figure({"r": None}, "loss").layout.meta,
+        }
+        write_steps(w, range(30, 52), instruments=("loss", "grad_norm", "alpha", "user"))
+        w.add_scalars(51, [("loss", "loss", "all", float("nan"))])  # step logged twice, NaN
+        w.add_scalars(40, [("alpha", "alpha", "all", 0.5)])  # a late value for an early step
+        w.add_scalars(52, [("user", "val_accuracy", "all", 0.5),  # a new user metric
+                           ("hyperparameters", "lr", "group1", 0.01)])  # a new group
+        w.flush()
+        log, c2 = cache.get("r")
+        frames = {"r": log.new_rows("scalars", c1, c2)}
+        series = {"r": log.new_series(c1, c2)}
+        outcomes = set()
+        for name, state in states.items():
+            ref_payload, ref_state = F.extend_lines(frames, state)
+            payload, new_state = extend_lines_fast(series, state)
+            assert json.dumps(new_state, sort_keys=True) == json.dumps(ref_state, sort_keys=True)
+            ref = None if ref_payload is None else list(ref_payload)
+            assert json.dumps(payload) == json.dumps(ref), name
+            outcomes.add((name, "redraw" if new_state["redraw"] else "extend" if payload else "-"))
+        assert outcomes >= {("loss", "extend"), ("alpha", "extend"), ("perf", "redraw"),
+                            ("hp", "redraw"), ("budget", "redraw"), ("other_run", "redraw")}
+    finally:
+        w.close()
