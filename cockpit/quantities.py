@@ -4,7 +4,9 @@ Each key is a frozen dataclass, so equal requests deduplicate (two instruments
 asking for ``Hist1D(bins=100)`` share one computation, while ``Hist1D(bins=50)``
 is a different quantity). All per-sample quantities describe the *unscaled*
 individual gradients ``g_n = ∇ l_n``, where the batch loss is
-``L = (1/N) Σ_n l_n`` (``reduction="mean"``) or ``L = Σ_n l_n`` (``"sum"``).
+``L = (1/N) Σ_n l_n`` (``reduction="mean"``) or ``L = Σ_n l_n`` (``"sum"``). The
+curvature keys (:class:`DiagGGN`, :class:`DiagHessian`) describe the batch loss ``L``
+itself (its normalization included); their model-wide total is the trace.
 
 Shape letters: N batch, P the shape of one parameter tensor, B bins.
 
