@@ -627,6 +627,8 @@ class CurvaturePass:
             ]
         finally:
             engine._in_curvature = False
+        if len(per_col) == 1:
+            return [None if g is None else g.unsqueeze(0) for g in per_col[0]]
         return [
             None if per_col[0][j] is None else torch.stack([g[j] for g in per_col])
             for j in range(len(edges))
