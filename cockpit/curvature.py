@@ -37,6 +37,10 @@ Scaling: the columns already include the normalization of the loss reduction, so
 diagonals are those of the *batch* loss ``L`` (``1/N`` included under mean reduction);
 they are not rescaled like the per-sample first-order quantities.
 
+The GGN splits the graph at the loss module's input: a model that ends in
+``log_softmax`` followed by ``nn.NLLLoss`` (linear in its input) has a zero GGN there;
+use ``nn.CrossEntropyLoss`` on the logits instead.
+
 Assumptions: the backward pass is ``L.backward()`` on the loss module's output (the
 Hessian residuals use the gradient that actually arrives at each activation), the
 samples do not interact (no BatchNorm in train mode), and the loss input's rows are the
