@@ -67,6 +67,9 @@ _STATE_VERSION = 1
 MAX_POINTS = 2000
 #: Rows per bucket handed to the hint rules (they look at the last 200 tracked values).
 _HINT_ROWS = 2000
+#: Kinds that show only the latest record(s): they get the last rows of each bucket.
+_LATEST_ONLY = frozenset({"gradient_tests", "hist1d", "hist2d", "layer_grid"})
+_LATEST_ROWS = 8
 _HINT_SCALARS = (
     "alpha", "distance", "update_size", "norm_test", "inner_test", "ortho_test", "batch_size",
     "hyperparameters", "hess_max_ev", "loss", "early_stopping",
@@ -496,12 +499,16 @@ class Updater:
         runs = self._runs_of(spec, view, data)
         reads = panel_reads(spec)
         frames: dict[str, dict[str, pd.DataFrame]] = {"scalars": {}, "histograms": {}}
+        latest_only = spec.kind in _LATEST_ONLY
         for table in frames:
             keys = [(inst, param) for t, inst, param in reads if t == table]
             if keys:
                 for run in runs:
                     log, cursor = data[run]
-                    frames[table][run] = log.frame(table, keys, cursor)
+                    frames[table][run] = (
+                        log.tail(table, keys, _LATEST_ROWS, cursor) if latest_only
+                        else log.frame(table, keys, cursor)
+                    )
         frames["scalars"] = {r: _only(panel, f) for r, f in frames["scalars"].items()}
         tracks = panel_tracks(spec)
         tracked = not runs or any(

@@ -49,7 +49,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from pandas.api.types import union_categoricals
 
 from cockpit import schema
 from cockpit.logreader import LogTail, run_status
@@ -76,8 +75,8 @@ _HIST_COLUMNS = (
 )
 _COLUMNS = {"scalars": _SCALAR_COLUMNS, "histograms": _HIST_COLUMNS}
 _CATEGORICAL = ("instrument", "metric", "param")
-#: A bucket merges its chunks once it holds this many (a chunk arrives per refresh).
-_MAX_CHUNKS = 32
+#: Upper bound on a bucket's chunks (a chunk arrives per refresh; merges keep them fewer).
+_MAX_CHUNKS = 64
 _SCALAR_ROW_BYTES = 40
 
 
@@ -292,27 +291,75 @@ def _categorical(codes: np.ndarray, names: tuple[str, ...]) -> pd.Categorical:
     return pd.Categorical.from_codes(codes, dtype=_dtype(names), validate=False)
 
 
-def _concat_categorical(columns: list[pd.Categorical]) -> pd.Categorical:
-    first = columns[0].dtype
-    if all(c.dtype is first or c.dtype == first for c in columns[1:]):  # usual: no recoding
-        codes = np.concatenate([c.codes for c in columns])
-        return pd.Categorical.from_codes(codes, dtype=first, validate=False)
-    return union_categoricals(columns)
+class _Piece(NamedTuple):
+    """Rows of one ``(instrument, param)`` bucket as plain arrays.
+
+    Attributes:
+        arrays: ``step``, ``wall_time`` and ``value`` (scalars) or ``step``, ``wall_time``,
+            ``shape``, ``counts``, ``edges_0``, ``edges_1`` (histograms; object arrays).
+        metric: Metric codes into ``names`` (scalars), ``None`` for histograms.
+        names: Metric names.
+        cursors: The tail cursor at which each row arrived (non-decreasing).
+    """
+
+    arrays: dict[str, np.ndarray]
+    metric: np.ndarray | None
+    names: tuple[str, ...]
+    cursors: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.cursors)
+
+    def slice(self, a: int, b: int) -> _Piece:
+        if (a, b) == (0, self.rows):
+            return self
+        return _Piece(
+            {k: v[a:b] for k, v in self.arrays.items()},
+            None if self.metric is None else self.metric[a:b],
+            self.names,
+            self.cursors[a:b],
+        )
 
 
-def _concat(frames: Sequence[pd.DataFrame], table: str) -> pd.DataFrame:
-    """Concatenate frames of one table, keeping categoricals categorical (union of categories)."""
-    frames = [f for f in frames if len(f)]
-    if not frames:
+def _join(pieces: Sequence[_Piece]) -> _Piece:
+    """Concatenate pieces of one bucket (metric names are unified)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    arrays = {k: np.concatenate([p.arrays[k] for p in pieces]) for k in pieces[0].arrays}
+    cursors = np.concatenate([p.cursors for p in pieces])
+    if pieces[0].metric is None:
+        return _Piece(arrays, None, (), cursors)
+    names = pieces[0].names
+    if all(p.names == names for p in pieces[1:]):
+        return _Piece(arrays, np.concatenate([p.metric for p in pieces]), names, cursors)
+    union = tuple(dict.fromkeys(n for p in pieces for n in p.names))
+    index = {n: i for i, n in enumerate(union)}
+    codes = [np.array([index[n] for n in p.names], np.int32)[p.metric] for p in pieces]
+    return _Piece(arrays, np.concatenate(codes), union, cursors)
+
+
+def _to_frame(parts: Sequence[tuple[str, str, _Piece]], table: str) -> pd.DataFrame:
+    """One DataFrame (log schema, categorical names) from bucket pieces."""
+    parts = [part for part in parts if part[2].rows]
+    if not parts:
         return empty_frame(table)
-    if len(frames) == 1:
-        return frames[0]
+    insts = tuple(dict.fromkeys(inst for inst, _, _ in parts))
+    params = tuple(dict.fromkeys(param for _, param, _ in parts))
+    sizes = [piece.rows for _, _, piece in parts]
     cols: dict[str, Any] = {}
     for name in _COLUMNS[table]:
-        if name in _CATEGORICAL:
-            cols[name] = _concat_categorical([f[name].array for f in frames])
+        if name == "instrument":
+            codes = np.repeat([insts.index(i) for i, _, _ in parts], sizes).astype(np.int32)
+            cols[name] = _categorical(codes, insts)
+        elif name == "param":
+            codes = np.repeat([params.index(p) for _, p, _ in parts], sizes).astype(np.int32)
+            cols[name] = _categorical(codes, params)
+        elif name == "metric":
+            joined = _join([piece for _, _, piece in parts])
+            cols[name] = _categorical(joined.metric, joined.names)
         else:
-            cols[name] = np.concatenate([f[name].to_numpy() for f in frames])
+            cols[name] = np.concatenate([piece.arrays[name] for _, _, piece in parts])
     return pd.DataFrame(cols, copy=False)
 
 
@@ -400,7 +447,7 @@ def _bulk_read(run_dir: Path, table: str) -> tuple[_Columns, int] | None:
     return _from_arrow(data, table), segments[-1].hi
 
 
-def _split(cols: _Columns, table: str) -> dict[tuple[str, str], pd.DataFrame]:
+def _split(cols: _Columns, table: str) -> dict[tuple[str, str], _Piece]:
     """Split freshly read rows into ``(instrument, param)`` buckets, keeping their order.
 
     O(n): one stable radix sort on a small integer key, one gather per column, then slices.
@@ -421,81 +468,79 @@ def _split(cols: _Columns, table: str) -> dict[tuple[str, str], pd.DataFrame]:
     metric_codes, metric_names = cols.codes.get("metric", (None, []))
     if metric_codes is not None:
         metric_codes = metric_codes[order]
-    out: dict[tuple[str, str], pd.DataFrame] = {}
+    out: dict[tuple[str, str], _Piece] = {}
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
         k = int(key[a])
-        inst, param = insts[k // len(params)], params[k % len(params)]
-        zeros = np.zeros(b - a, np.int8)
-        cols: dict[str, Any] = {}
-        for name in _COLUMNS[table]:
-            if name == "instrument":
-                cols[name] = _categorical(zeros, (inst,))
-            elif name == "param":
-                cols[name] = _categorical(zeros, (param,))
-            elif name == "metric":
-                sub = metric_codes[a:b]
-                used = np.unique(sub)
-                remap = np.zeros(len(metric_names), np.int32)
-                remap[used] = np.arange(used.size)
-                cols[name] = _categorical(remap[sub], tuple(metric_names[i] for i in used))
-            else:
-                cols[name] = plain[name][a:b]
-        out[(inst, param)] = pd.DataFrame(cols, copy=False)
+        arrays = {name: values[a:b] for name, values in plain.items()}
+        metric, names = None, ()
+        if metric_codes is not None:
+            sub = metric_codes[a:b]
+            used = np.unique(sub)
+            remap = np.zeros(len(metric_names), np.int32)
+            remap[used] = np.arange(used.size)
+            metric, names = remap[sub], tuple(metric_names[i] for i in used)
+        out[(insts[k // len(params)], params[k % len(params)])] = _Piece(
+            arrays, metric, names, np.empty(0, np.int64)
+        )
     return out
 
 
-def _nbytes(frame: pd.DataFrame, table: str) -> int:
+def _nbytes(piece: _Piece, table: str) -> int:
     if table == "scalars":
-        return len(frame) * _SCALAR_ROW_BYTES
-    cells = sum(np.asarray(c).size for c in frame["counts"])
-    edges = sum(np.asarray(e).size for e in frame["edges_0"]) + sum(
-        np.asarray(e).size for e in frame["edges_1"]
+        return piece.rows * _SCALAR_ROW_BYTES
+    cells = sum(np.asarray(c).size for c in piece.arrays["counts"])
+    edges = sum(np.asarray(e).size for e in piece.arrays["edges_0"]) + sum(
+        np.asarray(e).size for e in piece.arrays["edges_1"]
     )
-    return 8 * (cells + edges) + 200 * len(frame)
+    return 8 * (cells + edges) + 200 * piece.rows
 
 
 class _Bucket:
     """The rows of one ``(instrument, param)`` in read order, each with its arrival cursor."""
 
-    __slots__ = ("chunks", "table")
+    __slots__ = ("chunks", "inst", "param")
 
-    def __init__(self, table: str) -> None:
-        self.table = table
-        self.chunks: list[tuple[pd.DataFrame, np.ndarray]] = []
+    def __init__(self, inst: str, param: str) -> None:
+        self.inst, self.param = inst, param
+        self.chunks: list[_Piece] = []
 
-    def add(self, frame: pd.DataFrame, cursor: int) -> None:
-        self.chunks.append((frame, np.full(len(frame), cursor, dtype=np.int64)))
+    def add(self, piece: _Piece, cursor: int) -> None:
+        rows = len(piece.arrays["step"])
+        self.chunks.append(piece._replace(cursors=np.full(rows, cursor, dtype=np.int64)))
+        # Merge like a binary counter: chunk sizes stay geometric, so there are O(log n)
+        # chunks and each row is copied O(log n) times, never the whole bucket per refresh.
+        while len(self.chunks) > 1 and self.chunks[-2].rows <= 2 * self.chunks[-1].rows:
+            self._merge(len(self.chunks) - 2)
         if len(self.chunks) > _MAX_CHUNKS:
-            self._merge()
+            self._merge(1)
 
-    def _merge(self) -> None:
-        if len(self.chunks) > 1:
-            frame = _concat([f for f, _ in self.chunks], self.table)
-            cursors = np.concatenate([c for _, c in self.chunks])
-            self.chunks = [(frame, cursors)]
+    def _merge(self, start: int = 0) -> None:
+        """Merge ``chunks[start:]`` into one chunk."""
+        if len(self.chunks) - start > 1:
+            self.chunks = self.chunks[:start] + [_join(self.chunks[start:])]
 
-    def rows(self, lo: int, hi: int) -> list[pd.DataFrame]:
+    def rows(self, lo: int, hi: int) -> list[_Piece]:
         """Pieces holding the rows that arrived with ``lo < cursor <= hi``."""
         out = []
-        for frame, cursors in reversed(self.chunks):
-            if cursors[-1] <= lo:
+        for piece in reversed(self.chunks):
+            if piece.cursors[-1] <= lo:
                 break
-            a = int(np.searchsorted(cursors, lo, side="right"))
-            b = int(np.searchsorted(cursors, hi, side="right"))
+            a = int(np.searchsorted(piece.cursors, lo, side="right"))
+            b = int(np.searchsorted(piece.cursors, hi, side="right"))
             if b > a:
-                out.append(frame if (a, b) == (0, len(frame)) else frame.iloc[a:b])
+                out.append(piece.slice(a, b))
         out.reverse()
         return out
 
-    def tail(self, n: int, hi: int) -> list[pd.DataFrame]:
+    def tail(self, n: int, hi: int) -> list[_Piece]:
         """Pieces holding the last ``n`` rows (in read order) that arrived with ``cursor <= hi``."""
         pieces = []
-        for frame, cursors in reversed(self.chunks):
-            b = int(np.searchsorted(cursors, hi, side="right"))
+        for piece in reversed(self.chunks):
+            b = int(np.searchsorted(piece.cursors, hi, side="right"))
             if b == 0:
                 continue
-            pieces.append(frame.iloc[max(0, b - n) : b])
-            n -= len(pieces[-1])
+            pieces.append(piece.slice(max(0, b - n), b))
+            n -= pieces[-1].rows
             if n <= 0:
                 break
         pieces.reverse()
@@ -503,23 +548,21 @@ class _Bucket:
 
     def arrived(self, lo: int, hi: int) -> bool:
         """Whether any row arrived with ``lo < cursor <= hi``."""
-        for _, cursors in reversed(self.chunks):
-            if cursors[-1] <= lo:
+        for piece in reversed(self.chunks):
+            if piece.cursors[-1] <= lo:
                 return False
-            if int(np.searchsorted(cursors, hi, side="right")) > int(
-                np.searchsorted(cursors, lo, side="right")
-            ):
+            a = int(np.searchsorted(piece.cursors, lo, side="right"))
+            if int(np.searchsorted(piece.cursors, hi, side="right")) > a:
                 return True
         return False
 
-    def frame(self, hi: int) -> pd.DataFrame:
-        """All rows that arrived with ``cursor <= hi`` (merging the chunks once)."""
+    def upto(self, hi: int) -> list[_Piece]:
+        """All rows that arrived with ``cursor <= hi``, as one piece (merging once)."""
         self._merge()
         if not self.chunks:
-            return empty_frame(self.table)
-        frame, cursors = self.chunks[0]
-        b = int(np.searchsorted(cursors, hi, side="right"))
-        return frame if b == len(frame) else frame.iloc[:b]
+            return []
+        piece = self.chunks[0]
+        return [piece.slice(0, int(np.searchsorted(piece.cursors, hi, side="right")))]
 
 
 #: ``(instrument, param)``; ``param=None`` means every param of the instrument.
@@ -637,13 +680,13 @@ class RunLog:
         if new.size:
             top = int(new.arrays["step"].max())
             self.max_step = top if self.max_step is None else max(self.max_step, top)
-        for (inst, param), frame in _split(new, table).items():
+        for (inst, param), piece in _split(new, table).items():
             bucket = self._buckets[table].get((inst, param))
             if bucket is None:
-                bucket = self._buckets[table][(inst, param)] = _Bucket(table)
+                bucket = self._buckets[table][(inst, param)] = _Bucket(inst, param)
                 self._params[table].setdefault(inst, []).append(param)
-            bucket.add(frame, cursor)
-            self.nbytes += _nbytes(frame, table)
+            bucket.add(piece, cursor)
+            self.nbytes += _nbytes(piece, table)
 
     def _select(self, table: str, keys: Iterable[Key] | None) -> list[_Bucket]:
         buckets = self._buckets[table]
@@ -671,8 +714,10 @@ class RunLog:
 
         """
         with self._lock:
-            frames = [b.frame(upto[table]) for b in self._select(table, keys)]
-        return _concat(frames, table)
+            parts = [
+                (b.inst, b.param, p) for b in self._select(table, keys) for p in b.upto(upto[table])
+            ]
+        return _to_frame(parts, table)
 
     def new_rows(
         self, table: str, since: Cursor | None, upto: Cursor, keys: Iterable[Key] | None = None
@@ -691,8 +736,12 @@ class RunLog:
         """
         lo = -1 if since is None else int(since[table])
         with self._lock:
-            pieces = [p for b in self._select(table, keys) for p in b.rows(lo, upto[table])]
-        return _concat(pieces, table)
+            parts = [
+                (b.inst, b.param, p)
+                for b in self._select(table, keys)
+                for p in b.rows(lo, upto[table])
+            ]
+        return _to_frame(parts, table)
 
     def tail(
         self, table: str, keys: Iterable[Key] | None, n: int, upto: Cursor
@@ -710,8 +759,12 @@ class RunLog:
 
         """
         with self._lock:
-            pieces = [p for b in self._select(table, keys) for p in b.tail(n, upto[table])]
-        return _concat(pieces, table)
+            parts = [
+                (b.inst, b.param, p)
+                for b in self._select(table, keys)
+                for p in b.tail(n, upto[table])
+            ]
+        return _to_frame(parts, table)
 
     def new_series(
         self, since: Cursor | None, upto: Cursor
@@ -736,19 +789,14 @@ class RunLog:
             ]
         grouped: dict[tuple[str, str, str], list[tuple[np.ndarray, ...]]] = {}
         for (inst, param), piece in pieces:
-            metric = piece["metric"].array
-            codes = metric.codes
-            step = piece["step"].to_numpy()
-            wall = piece["wall_time"].to_numpy()
-            value = piece["value"].to_numpy()
-            names = metric.categories
-            if len(names) == 1:
-                grouped.setdefault((inst, str(names[0]), param), []).append((step, wall, value))
+            cols = (piece.arrays["step"], piece.arrays["wall_time"], piece.arrays["value"])
+            if len(piece.names) == 1:
+                grouped.setdefault((inst, piece.names[0], param), []).append(cols)
                 continue
-            for code in np.unique(codes):
-                mask = codes == code
-                grouped.setdefault((inst, str(names[code]), param), []).append(
-                    (step[mask], wall[mask], value[mask])
+            for code in np.unique(piece.metric):
+                mask = piece.metric == code
+                grouped.setdefault((inst, piece.names[code], param), []).append(
+                    tuple(c[mask] for c in cols)
                 )
         return {
             key: tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
