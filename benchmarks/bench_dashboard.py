@@ -1,0 +1,458 @@
+"""Dashboard benchmark: page load and refresh cost (server time) on a 10⁵-step full-preset run.
+
+Run ``python -m benchmarks.bench_dashboard [--steps 100000] [--clients 20] [--duration 30]``.
+It prints a Markdown table. Targets: page load < 2 s and a refresh < 300 ms (one client),
+and refreshes < 1 s while 20 clients refresh every 2 s.
+
+Workload. One run written with the real :class:`~cockpit.logwriter.LogWriter` (default
+batching and background compaction) at the row counts of a real Cockpit with the ``full``
+preset on a 3-layer MLP (6 parameter tensors; the rows are those a real economy run logs,
+see ``tests/app/_train_for_dashboard.py``, plus the curvature instruments):
+
+* every step: loss, accuracy (user metric), alpha, and for grad_norm, distance, update_size
+  and the norm/inner/ortho tests the model-wide value plus one per tensor, the three batch
+  size suggestions, four hyperparameter rows: 52 rows;
+* every ``--curv-every`` (10) steps: tic_diag, hess_trace, hess_max_ev;
+* every ``--hist-every`` (100) steps: grad_hist_1d (100 bins) and grad_hist_2d (40 × 50),
+  model-wide and per tensor (14 histograms).
+
+Method. The app runs in its own process (``serve`` sub-command: ``create_app`` behind a WSGI
+middleware that adds a ``Server-Timing`` header to every response, served by Werkzeug's
+threaded server on a loopback port). Clients replay the requests the Dash renderer makes —
+index, layout, dependencies, then the callback chain URL → run selection → focus → layer →
+main callback (full build) — and then the main callback on every interval tick with the
+state the previous answer returned. *Server time* is the sum of the ``Server-Timing``
+durations of a page load's requests, or the duration of one tick request. Cold: the first
+page load after the server started (the run is read from disk); warm: a later one (the run
+is in the server's shared cache). While refreshes are measured, a writer appends steps
+(≈ 25 steps/s, full preset rows) so every tick has new rows to send.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")
+RUN = "full-1e5"
+INSTRUMENTS = (
+    "alpha", "distance", "grad_hist_1d", "grad_norm", "inner_test", "loss", "norm_test",
+    "ortho_test", "update_size", "tic_diag", "hess_trace", "hess_max_ev", "grad_hist_2d",
+    "batch_size", "hyperparameters",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The synthetic run
+# --------------------------------------------------------------------------------------------
+class RunWriter:
+    """Writes full-preset rows step by step through a real LogWriter."""
+
+    def __init__(self, run_dir: Path, curv_every: int = 10, hist_every: int = 100) -> None:
+        from cockpit.logwriter import LogWriter
+
+        meta = {
+            "instruments": [{"name": n, "schedule": "every(1)", "config": {}} for n in INSTRUMENTS],
+            "model": [{"name": p, "shape": [1], "numel": 1, "requires_grad": True}
+                      for p in PARAMS],
+            "tags": {"benchmark": "dashboard"},
+        }
+        self.writer = LogWriter(run_dir, meta)
+        self.curv_every, self.hist_every = curv_every, hist_every
+        self.rng = np.random.default_rng(0)
+        self.e1 = np.linspace(-2.0, 2.0, 101)
+        self.eg, self.ep = np.linspace(-1.0, 1.0, 41), np.linspace(-2.0, 2.0, 51)
+        self.scalar_rows = self.hist_rows = 0
+        self.next_step = 0
+
+    def write(self, n: int) -> None:
+        """Append ``n`` steps."""
+        w, rng = self.writer, self.rng
+        for step in range(self.next_step, self.next_step + n):
+            r = rng.random(16)
+            decay = math.exp(-step / 3e4)
+            rows = [
+                ("loss", "loss", "all", decay + 0.1 * r[0]),
+                ("user", "accuracy", "all", 1.0 - 0.9 * decay + 0.05 * r[1]),
+            ]
+            for k, inst in enumerate(("grad_norm", "distance", "update_size", "norm_test",
+                                      "inner_test", "ortho_test")):
+                base = (1.0 + r[2 + k]) * (decay if inst != "distance" else 1.0 - decay)
+                rows.append((inst, inst, "all", base))
+                rows += [(inst, inst, p, base * (0.3 + 0.1 * j)) for j, p in enumerate(PARAMS)]
+            if step:
+                rows.append(("alpha", "alpha", "all", float(rng.normal(0.0, 0.5))))
+            rows += [("batch_size", t, "all", 64.0 * (1.0 + r[8 + i]))
+                     for i, t in enumerate(("norm_test", "inner_test", "ortho_test"))]
+            rows += [
+                ("hyperparameters", "batch_size", "all", 64.0),
+                ("hyperparameters", "lr", "group0", 0.1 * decay),
+                ("hyperparameters", "momentum", "group0", 0.9),
+                ("hyperparameters", "weight_decay", "group0", 5e-4),
+            ]
+            if step % self.curv_every == 0:
+                rows += [("tic_diag", "tic_diag", "all", float(r[11])),
+                         ("hess_trace", "hess_trace", "all", 10.0 * r[12]),
+                         ("hess_max_ev", "hess_max_ev", "all", 5.0 * r[13])]
+            w.add_scalars(step, rows)
+            self.scalar_rows += len(rows)
+            if step % self.hist_every == 0:
+                for p in ("all", *PARAMS):
+                    w.add_histogram(step, "grad_hist_1d", p, rng.random(100) * 1e3, [self.e1])
+                    w.add_histogram(step, "grad_hist_2d", p, rng.random((40, 50)) * 1e2,
+                                    [self.eg, self.ep])
+                    self.hist_rows += 2
+        self.next_step += n
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _segment_files(run_dir: Path) -> int:
+    return sum(len(list((run_dir / t).glob("part-*.parquet"))) for t in ("scalars", "histograms"))
+
+
+# --------------------------------------------------------------------------------------------
+# The server process
+# --------------------------------------------------------------------------------------------
+class ServerTiming:
+    """WSGI middleware: adds ``Server-Timing: app;dur=<ms>`` (the app's time for the response)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict, start_response: Any) -> Iterable[bytes]:
+        started = time.perf_counter()
+        captured: dict[str, Any] = {}
+
+        def capture(status: str, headers: list, exc_info: Any = None) -> Any:
+            captured.update(status=status, headers=headers, exc_info=exc_info)
+            return lambda data: None
+
+        iterable = self.app(environ, capture)
+        try:
+            body = b"".join(iterable)
+        finally:
+            if hasattr(iterable, "close"):
+                iterable.close()
+        ms = 1000.0 * (time.perf_counter() - started)
+        headers = [(k, v) for k, v in captured["headers"] if k.lower() != "content-length"]
+        headers += [("Content-Length", str(len(body))), ("Server-Timing", f"app;dur={ms:.3f}")]
+        start_response(captured["status"], headers, captured["exc_info"])
+        return [body]
+
+
+def serve(root: str, port: int, refresh_s: float) -> None:
+    """The ``serve`` sub-command: the app on 127.0.0.1:port with the timing middleware."""
+    import logging
+
+    from werkzeug.serving import make_server
+
+    from app import create_app
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    app = create_app(root, refresh_s=refresh_s, prewarm=False)
+    app.server.wsgi_app = ServerTiming(app.server.wsgi_app)
+    make_server("127.0.0.1", port, app.server, threaded=True).serve_forever()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# A client that makes the renderer's requests
+# --------------------------------------------------------------------------------------------
+class Client:
+    """One page: replays the Dash renderer's requests and keeps the returned state."""
+
+    def __init__(self, url: str, run: str, smoothing: float = 0.6) -> None:
+        self.url, self.run, self.smoothing = url, run, smoothing
+        self.state: Any = None
+        self.ticks = 0
+        self.view: dict[str, Any] = {}
+
+    def _request(self, path: str, body: Any = None) -> tuple[float, Any, int]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            raw = resp.read()
+            timing = resp.headers.get("Server-Timing", "app;dur=nan")
+        ms = float(timing.split("dur=")[1])
+        ctype = resp.headers.get("Content-Type", "")
+        return ms, json.loads(raw) if raw and "json" in ctype else None, len(raw)
+
+    def _call(self, dep: dict, values: Sequence[Any], changed: str) -> tuple[float, dict, int]:
+        outputs = []
+        for part in dep["output"].strip(".").split("..."):
+            ident, prop = part.rsplit(".", 1)
+            outputs.append({"id": ident, "property": prop.split("@")[0]})
+        inputs = [{"id": i["id"], "property": i["property"], "value": v}
+                  for i, v in zip(dep["inputs"], values, strict=True)]
+        state = [{"id": s["id"], "property": s["property"], "value": None} for s in dep["state"]]
+        body = {"output": dep["output"], "outputs": outputs if len(outputs) > 1 else outputs[0],
+                "inputs": inputs, "state": state, "changedPropIds": [changed]}
+        ms, answer, size = self._request("/_dash-update-component", body)
+        return ms, (answer or {}).get("response", {}), size
+
+    def load(self) -> dict[str, float]:
+        """A page load; returns server times (ms) and the main answer's size."""
+        times = {}
+        for path in ("/", "/_dash-layout", "/_dash-dependencies"):
+            ms, answer, _ = self._request(path)
+            times[path] = ms
+            if path == "/_dash-layout":
+                layout = answer
+            elif path == "/_dash-dependencies":
+                deps = answer
+        by_output = {d["output"]: d for d in deps}
+        select = next(d for o, d in by_output.items() if o.startswith("..runs.value"))
+        focus = next(d for o, d in by_output.items() if o.startswith("..focus.options"))
+        layer = next(d for o, d in by_output.items() if o.startswith("..layer.options"))
+        self.main = next(d for o, d in by_output.items() if "extendData" in o)
+        ms, out, _ = self._call(select, [f"?run={self.run}"], "url.search")
+        times["select run"] = ms
+        runs = out["runs"]["value"]
+        ms, out, _ = self._call(focus, [runs], "runs.value")
+        times["focus"] = ms
+        focus_run = out["focus"]["value"]
+        ms, out, _ = self._call(layer, [focus_run], "focus.value")
+        times["layer"] = ms
+        self.panels, self.logs = _panels(layout)
+        self.view = {"runs": runs, "focus": focus_run, "layer": out["layer"]["value"]}
+        ms, size = self.update("runs.value")
+        times["main (full build)"] = ms
+        times["bytes"] = size
+        return times
+
+    def update(self, changed: str) -> tuple[float, int]:
+        """One main-callback request (``pulse.data`` for a tick); returns (server ms, bytes)."""
+        if changed == "pulse.data":
+            self.ticks += 1
+
+        def many(kind: str, prop: str) -> list:
+            return [{"id": {"name": n, "type": kind}, "property": prop} for n in self.panels]
+
+        body = {
+            "output": self.main["output"],
+            "outputs": [many("panel", "figure"), many("panel", "extendData"),
+                        many("card", "className"), {"id": "state", "property": "data"},
+                        {"id": "hints", "property": "children"},
+                        {"id": "status", "property": "children"}],
+            "inputs": [
+                {"id": "pulse", "property": "data", "value": self.ticks},
+                {"id": "runs", "property": "value", "value": self.view["runs"]},
+                {"id": "focus", "property": "value", "value": self.view["focus"]},
+                {"id": "smoothing", "property": "value", "value": self.smoothing},
+                {"id": "xaxis", "property": "value", "value": "step"},
+                {"id": "layer", "property": "value", "value": self.view["layer"]},
+                [{"id": {"name": n, "type": "log"}, "property": "value", "value": self.logs[n]}
+                 for n in self.panels],
+            ],
+            "state": [{"id": "state", "property": "data", "value": self.state}],
+            "changedPropIds": [changed],
+        }
+        ms, answer, size = self._request("/_dash-update-component", body)
+        new_state = ((answer or {}).get("response") or {}).get("state", {}).get("data")
+        if new_state is not None:
+            self.state = new_state
+        return ms, size
+
+
+def _panels(layout: Any) -> tuple[list[str], dict[str, list]]:
+    panels, logs = [], {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "props" in node:
+                ident = node["props"].get("id")
+                if isinstance(ident, dict) and ident.get("type") == "panel":
+                    panels.append(ident["name"])
+                if isinstance(ident, dict) and ident.get("type") == "log":
+                    logs[ident["name"]] = node["props"].get("value") or []
+                walk(node["props"].get("children"))
+            else:
+                for v in node.values():
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(layout)
+    return panels, logs
+
+
+# --------------------------------------------------------------------------------------------
+# The measurement
+# --------------------------------------------------------------------------------------------
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _load_ms(times: dict[str, float]) -> float:
+    return sum(v for k, v in times.items() if k != "bytes")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_dashboard")
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--curv-every", type=int, default=10)
+    parser.add_argument("--hist-every", type=int, default=100)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between ticks")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of ticking")
+    parser.add_argument("--live-steps-per-s", type=float, default=25.0)
+    parser.add_argument("--root", default=None, help="log root to use (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    tmp = None
+    if args.root is None:
+        tmp = tempfile.mkdtemp(prefix="cockpit-bench-dashboard-")
+    root = Path(args.root or tmp)
+    rows: list[tuple[str, str, str]] = []
+    try:
+        t0 = time.perf_counter()
+        run = RunWriter(root / RUN, args.curv_every, args.hist_every)
+        for _ in range(0, args.steps, 1000):
+            run.write(min(1000, args.steps - run.next_step))
+        run.writer.flush()
+        write_s = time.perf_counter() - t0
+        rows.append(("run", f"{args.steps:,} steps: {run.scalar_rows:,} scalar rows, "
+                            f"{run.hist_rows:,} histograms, {_segment_files(root / RUN)} "
+                            f"segment files (written in {write_s:.0f} s)", ""))
+
+        port = _free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        server = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.bench_dashboard", "serve", str(root), str(port),
+             str(args.interval)], cwd=ROOT, env=env,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(url + "/api/runs", timeout=5).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise RuntimeError("the dashboard server did not start") from None
+                    time.sleep(0.2)
+            cold = Client(url, RUN).load()
+            rows.append(("page load, cold (server; run read from disk)",
+                         f"{_load_ms(cold) / 1e3:.2f} s (reading + main build "
+                         f"{(cold['layer'] + cold['main (full build)']) / 1e3:.2f} s)", ""))
+            # Each load with its own smoothing: a view no client has seen, so every figure is
+            # built (clients with the same view of the same rows would share the figures).
+            warm = [Client(url, RUN, smoothing=0.5 + 0.01 * k).load() for k in range(3)]
+            build = statistics.median(w["main (full build)"] for w in warm)
+            rows.append(("page load, warm (server; run cached, figures built)",
+                         f"{statistics.median(_load_ms(w) for w in warm) / 1e3:.2f} s median "
+                         f"of 3 (main build {build / 1e3:.2f} s, "
+                         f"{warm[0]['bytes'] / 1e6:.1f} MB)", "< 2 s"))
+            shared = Client(url, RUN, smoothing=0.5).load()
+            rows.append(("page load, warm, same view as an earlier client (figures shared)",
+                         f"{_load_ms(shared) / 1e3:.2f} s", ""))
+
+            # Live refreshes: a writer appends steps, clients tick every interval.
+            stop = threading.Event()
+
+            def live_writer() -> None:
+                period = 1.0 / args.live_steps_per_s
+                while not stop.is_set():
+                    run.write(1)
+                    time.sleep(period)
+
+            writer_thread = threading.Thread(target=live_writer, daemon=True)
+            writer_thread.start()
+            time.sleep(args.interval)
+
+            def tick_loop(client: Client, out: list, until: float, offset: float) -> None:
+                time.sleep(offset)
+                while time.monotonic() < until:
+                    started = time.monotonic()
+                    ms, _ = client.update("pulse.data")
+                    out.append((ms, 1000.0 * (time.monotonic() - started)))
+                    time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+
+            one = Client(url, RUN)
+            one.load()
+            single: list = []
+            tick_loop(one, single, time.monotonic() + args.duration / 2, 0.0)
+            server_ms = [s for s, _ in single]
+            rows.append(("refresh, 1 client (server p50 / p95 / max)",
+                         f"{_pct(server_ms, 50):.0f} / {_pct(server_ms, 95):.0f} / "
+                         f"{max(server_ms):.0f} ms over {len(server_ms)} ticks", "< 300 ms"))
+
+            clients = [Client(url, RUN) for _ in range(args.clients)]
+            loads = []
+            for c in clients:
+                loads.append(_load_ms(c.load()))
+            results: list[list] = [[] for _ in clients]
+            until = time.monotonic() + args.duration
+            threads = [
+                threading.Thread(target=tick_loop, args=(
+                    c, results[i], until, args.interval * i / len(clients)))
+                for i, c in enumerate(clients)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            stop.set()
+            writer_thread.join()
+            server_ms = [s for r in results for s, _ in r]
+            wall_ms = [w for r in results for _, w in r]
+            rows.append((f"refresh, {args.clients} clients every {args.interval:g} s "
+                         "(server p50 / p95 / max)",
+                         f"{_pct(server_ms, 50):.0f} / {_pct(server_ms, 95):.0f} / "
+                         f"{max(server_ms):.0f} ms over {len(server_ms)} ticks", "< 1 s"))
+            rows.append((f"refresh, {args.clients} clients (client wall p50 / p95)",
+                         f"{_pct(wall_ms, 50):.0f} / {_pct(wall_ms, 95):.0f} ms", ""))
+            rows.append(("live rows appended meanwhile",
+                         f"{run.next_step - args.steps:,} steps", ""))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            run.close()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    load = os.getloadavg()
+    lines = [
+        f"Dashboard benchmark ({os.cpu_count()} CPUs, load average {load[0]:.1f} at the end)",
+        "",
+        "| measurement | result | target |",
+        "|---|---|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    else:
+        main()
