@@ -514,3 +514,43 @@ def test_fast_extension_equals_the_reference(root):
                             ("hp", "redraw"), ("budget", "redraw"), ("other_run", "redraw")}
     finally:
         w.close()
+
+
+def test_focus_change_rebuilds_only_single_run_panels_and_snapshots_are_throttled(root):
+    for name in ("a", "b"):
+        with writer(root / name) as w:
+            write_steps(w, range(0, 20))
+    page = flask_session(create_app(root, prewarm=False, snapshot_s=60.0))
+    first = page.update("runs.value", runs=["a", "b"], focus="a")
+    assert first["figure"]["alpha"]["layout"]["title"]["text"].endswith("— a")
+    switched = page.update("focus.value", runs=["a", "b"], focus="b")
+    rebuilt = set(switched["figure"])
+    assert {"alpha", "gradient_tests", "grad_hist_1d", "layer_grid"} <= rebuilt
+    assert not {"performance", "grad_norm", "tests_history"} & rebuilt  # overlays stay
+    assert switched["figure"]["alpha"]["layout"]["title"]["text"].endswith("— b")
+    assert switched["state"]["view"]["focus"] == "b"
+    # New rows: lines grow, but the gauge waits for its snapshot interval (60 s here).
+    w = writer(root / "b")
+    try:
+        write_steps(w, range(20, 26))
+        w.flush()
+        time.sleep(0.3)  # past the cache's refresh interval
+        tick = page.update("tick", runs=["a", "b"], focus="b")
+        assert "performance" in tick["extendData"] and "alpha" not in tick["figure"]
+        assert tick["state"]["panels"]["alpha"]["dirty"] is True
+    finally:
+        w.close()
+
+
+def test_malformed_control_values_fall_back_to_defaults(root):
+    from app.callbacks import View
+
+    view = View.parse(["a", 3, None, "a"], "zzz", "nan", "sideways", 17, {"p": "log", "q": ["log"]})
+    assert view.runs == ("a",) and view.focus == "a" and view.smoothing == 0.0
+    assert view.x == "step" and view.layer is None and view.logs == {"p": False, "q": True}
+    assert View.parse("a", None, 5, "wall_time", "0.weight", {}).smoothing == 0.99
+    with writer(root / "r") as w:
+        write_steps(w, range(3))
+    page = flask_session(create_app(root, prewarm=False))
+    answer = page.update("runs.value", runs=["r"], focus="r", smoothing=-3, x="nope")
+    assert answer["http"] == 200 and answer["state"]["view"]["smoothing"] == 0.0
