@@ -193,8 +193,6 @@ def serve(
 
     """
     app = create_app(root, refresh_s)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     _log.info("cockpit dashboard for %s on http://%s:%d/", os.fspath(root), host, port)
     app.run(host=host, port=port, debug=False)

@@ -28,7 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8050)
     parser.add_argument("--refresh", type=float, default=2.0, help="seconds between updates")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("app")  # our own line (Dash prints its own through its logger)
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler())
+        log.setLevel(logging.INFO)
+        log.propagate = False
     try:
         return serve(args.root, host=args.host, port=args.port, refresh_s=args.refresh)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
