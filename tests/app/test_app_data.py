@@ -554,3 +554,16 @@ def test_malformed_control_values_fall_back_to_defaults(root):
     page = flask_session(create_app(root, prewarm=False))
     answer = page.update("runs.value", runs=["r"], focus="r", smoothing=-3, x="nope")
     assert answer["http"] == 200 and answer["state"]["view"]["smoothing"] == 0.0
+
+
+def test_a_run_without_rows_yet_shows_no_data_yet(root):
+    w = LogWriter(root / "fresh", metadata())  # meta.json and LOCK, no rows yet
+    try:
+        page = flask_session(create_app(root, prewarm=False))
+        answer = page.update("runs.value", runs=["fresh"], focus="fresh")
+        for name in ("performance", "alpha", "grad_hist_1d", "grad_norm"):
+            assert "no data yet" in json.dumps(answer["figure"][name]["layout"]), name
+        assert "not tracked" in json.dumps(answer["figure"]["hess_max_ev"]["layout"])
+        assert answer["state"]["status"][0]["step"] is None
+    finally:
+        w.close()

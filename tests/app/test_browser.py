@@ -285,6 +285,8 @@ def test_csv_download_is_what_the_panel_shows(browser, server):
     browser.find_element(By.ID, "live").find_element(By.TAG_NAME, "label").click()  # pause
     time.sleep(3 * REFRESH_S)
     shown = panels(browser)["performance"]
+    time.sleep(4 * REFRESH_S)  # the runs keep training, the paused page does not move
+    assert panels(browser)["performance"]["traces"][0]["lastx"] == shown["traces"][0]["lastx"]
     browser.find_element(By.CSS_SELECTOR, '[id*="performance"][id*="csv"]').click()
     files = wait_for(lambda: list(browser.downloads.glob("performance-*.csv")), 15, "the CSV")
     rows = list(csv.DictReader(io.StringIO(files[0].read_text())))
