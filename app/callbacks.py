@@ -4,17 +4,24 @@ One server callback (:meth:`Updater.update`) owns every panel. It takes the view
 runs, focus run, smoothing, x axis, layer, log toggles), the tick of the single
 ``dcc.Interval`` and the client's ``state`` store, and answers with one of
 
-* a **full build** (first load, or the view changed): every figure from the shared run cache;
+* a **full build** (first load, or the selection, smoothing or x axis changed): every figure
+  from the shared run cache (:mod:`app.data`);
+* a **partial rebuild**: a new focus run or layer rebuilds only the panels that show it;
 * a **log toggle**: a ``Patch`` that flips the y axes of one line panel (no data sent) or a
   rebuild of that one heatmap panel;
-* a **tick**: for each panel touched by new rows, an ``extendData`` payload built by
-  :func:`app.figures.extend_lines` / :func:`app.figures.extend_hist_over_time` from the rows
-  after the client's cursor only, or a rebuild of a small snapshot panel (gauges, latest
-  histograms); panels without new rows get ``no_update``. So a refresh costs O(new rows).
+* a **tick**: for each panel touched by rows after the client's cursor, an ``extendData``
+  payload (:func:`extend_lines_fast`, the numpy twin of :func:`app.figures.extend_lines`;
+  :func:`app.figures.extend_hist_over_time` for step × bin heatmaps), or a rebuild of a small
+  snapshot panel (gauges, latest histograms; at most every ``snapshot_s``). Untouched panels
+  get ``no_update``. So a refresh costs O(new rows), never a redraw of all figures.
 
 The client's ``state`` (cursors per run, each panel's extension state, the view it belongs to)
-is JSON in the browser; the server keeps no per-client data. Dash drops the answer of a request
-that a newer request of the same callback overtook, so a state is never applied twice.
+is JSON in the browser; the server keeps no per-client data, only content-keyed caches (run
+rows in :class:`app.data.LogCache`; built figures and hints here, shared by clients with the
+same view of the same rows, bounded LRU). Dash drops the answer of a request that a newer
+request of the same callback overtook, so a state is never applied twice; to keep slow answers
+from being overtaken forever, the interval reaches the main callback through ``pulse``, which
+stays quiet while a main request is in flight.
 
 Figures go to the browser with plain lists rather than Plotly's base64 typed arrays:
 ``Plotly.extendTraces`` can only extend real arrays.

@@ -8,16 +8,19 @@ followed) must still be a child of the resolved root. Anything else is :class:`R
 (an HTTP 404 for the API).
 
 Reading is incremental and shared. A :class:`LogCache` keeps, per run, a :class:`RunLog`: one
-:class:`~cockpit.logreader.LogTail` per table plus the rows read so far, split into *buckets*
-by ``(instrument, param)``. Every row remembers the tail cursor (the highest segment number
-read) at which it arrived, so
+:class:`~cockpit.logreader.LogTail` per table (the first read of a table is one multi-threaded
+Parquet scan) plus the rows read so far, split into *buckets* by ``(instrument, param)`` and
+held as plain numpy arrays (chunks merged like a binary counter, so a refresh never copies a
+whole bucket). Every row remembers the tail cursor (the highest segment number read) at which
+it arrived, so
 
 * a **client cursor** is ``{"epoch", "scalars", "histograms"}``: the run's identity and the
   table cursors of the client's last update. It lives in the browser (a ``dcc.Store``), never
   on the server;
-* :meth:`RunLog.new_rows` returns exactly the rows with ``since < cursor <= upto``: O(new rows);
-* :meth:`RunLog.frame` returns whole buckets (concatenated lazily, once, and shared by all
-  clients), so a page load does not re-read Parquet files that another client already read.
+* :meth:`RunLog.new_rows` / :meth:`RunLog.new_series` return exactly the rows with
+  ``since < cursor <= upto``: O(new rows);
+* :meth:`RunLog.frame` returns whole buckets and :meth:`RunLog.tail` their last rows, from
+  rows shared by all clients, so a page load does not re-read what another client read.
 
 The cache is thread-safe (a lock per run, one for the run table) and bounded: runs are dropped,
 least recently used first, once the rows held exceed ``max_bytes`` (a dropped run is simply
