@@ -31,12 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cockpit import schedules as _schedules
 from cockpit.engine import Engine
 from cockpit.layers.functorch import tensor_outputs
 from cockpit.losses import individual_losses
-from instruments import resolve_instruments
 from instruments.base import Histogram, Instrument, Plan, Record, Scalar, StepContext, Update
 
 __all__ = ["Cockpit", "NonFiniteError"]
@@ -119,6 +119,8 @@ class Cockpit:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.on_nonfinite = on_nonfinite
         self.default_schedule = schedule if schedule is not None else _schedules.every(1)
+        from instruments import resolve_instruments  # lazy: instruments import cockpit
+
         self.instruments: list[Instrument] = resolve_instruments(instruments, self.default_schedule)
         self._param_signature = self._signature()
         self.engine = Engine(model, loss_fn, fail_mode=fail_mode)
@@ -197,7 +199,7 @@ class Cockpit:
 
     def _out_grad_hook(self, call: _ModelCall, i: int):
         def hook(grad: Tensor) -> None:
-            if self._want_out_grads:
+            if self._want_out_grads and not self.engine.in_curvature_pass:
                 call.out_grads[i] = grad.detach()
 
         return hook
@@ -299,6 +301,7 @@ class Cockpit:
             grads=grads,
             initial_params=self._initial,
             optimizer=self.optimizer,
+            engine=self.engine,
         )
         if not finite:
             self._nonfinite(step, active)
@@ -316,9 +319,15 @@ class Cockpit:
             self._awaiting = (ctx, waiting)
 
     def _batch_size(self) -> int:
+        """N from the model's last training input (dim 0 of its first tensor argument)."""
+        call = self._call
+        if call is not None:
+            for a in (*call.args, *call.kwargs.values()):
+                if isinstance(a, Tensor) and a.dim() > 0:
+                    return int(a.shape[0])
         if self._loss_io is not None:
             return int(self._loss_io[0].shape[0])
-        return 1
+        raise RuntimeError("no training forward pass of the model was seen before cockpit.step()")
 
     def _individual_losses(self, n: int) -> Tensor:
         if self._loss_io is None:
@@ -398,7 +407,8 @@ class Cockpit:
             )
 
         try:
-            with torch.no_grad():
+            # The fused CPU attention kernels have no forward-mode AD; the math one does.
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
                 _, tangent_out = jvp(f, (theta,), (tangents,))
         finally:
             torch.set_rng_state(state)

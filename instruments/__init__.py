@@ -20,10 +20,13 @@ from instruments import (  # noqa: F401  (register the built-ins)
     early_stopping,
     grad_norm,
     gradient_tests,
+    hess_max_ev,
+    hess_trace,
     histograms,
     hyperparameters,
     loss,
     mean_gsnr,
+    tic,
     update_size,
 )
 from instruments.base import INSTRUMENTS, Instrument, PanelSpec, register_instrument

@@ -24,9 +24,19 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from cockpit.quantities import BatchL2, SecondMoment
 from instruments._numerics import as_scalar, check_batch_size, flat64
+from instruments.base import (
+    Instrument,
+    PanelSpec,
+    Record,
+    Scalar,
+    StepContext,
+    register_instrument,
+)
+from instruments.hess_trace import curvature_quantity
 
-__all__ = ["tic_diag", "tic_trace"]
+__all__ = ["TICDiag", "TICTrace", "tic_diag", "tic_trace"]
 
 
 def _warn_nonpositive(count: int, total: int, stacklevel: int = 3) -> None:
@@ -115,3 +125,85 @@ def tic_trace(
             _warn_nonpositive(nonpositive, h.numel())
         trace = float(h.sum())
     return (sum_l2 / n) / (trace + eps)
+
+
+class _TIC(Instrument):
+    cost = "curvature"
+
+    def __init__(self, schedule=None, curvature: str = "hessian") -> None:
+        super().__init__(schedule)
+        self.curvature = curvature
+        self.quantity = curvature_quantity(curvature)
+        self.requires = frozenset({self.quantity, *self.extra})
+
+    def _curvature(self, ctx: StepContext) -> dict:
+        """Diagonal curvature of the *mean* loss (the batch loss's divided by N for "sum")."""
+        assert ctx.gathered is not None
+        diag = ctx.gathered[self.quantity]
+        if ctx.reduction == "sum":
+            return {k: v / ctx.batch_size for k, v in diag.items()}
+        return diag
+
+    def config(self) -> dict:  # noqa: D102
+        return {**super().config(), "curvature": self.curvature}
+
+
+@register_instrument
+class TICDiag(_TIC):
+    """Takeuchi information criterion with diagonal curvature; see :func:`tic_diag`."""
+
+    name = "tic_diag"
+    extra = (SecondMoment(),)
+    panel = PanelSpec("line", "curvature", "TIC (diagonal)", y_log=True)
+
+    def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
+        h = self._curvature(ctx)
+        sm = ctx.gathered[SecondMoment()]
+        keys = list(h)
+        n = ctx.batch_size
+        rows: list[Record] = [
+            Scalar(
+                ctx.step,
+                self.name,
+                self.name,
+                "all",
+                tic_diag([sm[k] for k in keys], n, [h[k] for k in keys]),
+            )
+        ]
+        rows += [Scalar(ctx.step, self.name, self.name, k, tic_diag(sm[k], n, h[k])) for k in keys]
+        return rows
+
+
+@register_instrument
+class TICTrace(_TIC):
+    """Takeuchi information criterion from traces; see :func:`tic_trace`."""
+
+    name = "tic_trace"
+    extra = (BatchL2(),)
+    panel = PanelSpec("line", "curvature", "TIC (trace)", y_log=True)
+
+    def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
+        h = self._curvature(ctx)
+        l2 = ctx.gathered[BatchL2()]
+        n = ctx.batch_size
+        total = sum(float(v.double().sum()) for v in h.values())
+        rows: list[Record] = [
+            Scalar(
+                ctx.step,
+                self.name,
+                self.name,
+                "all",
+                tic_trace(float(ctx.gathered.total(BatchL2()).sum()), n, total),
+            )
+        ]
+        rows += [
+            Scalar(
+                ctx.step,
+                self.name,
+                self.name,
+                k,
+                tic_trace(float(l2[k].sum()), n, float(h[k].double().sum())),
+            )
+            for k in h
+        ]
+        return rows
