@@ -1347,10 +1347,11 @@ def layer_grid_figure(
         x0, top = col * (width + hgap), 1 - row * (height + vgap)
         xa, ya = ("x", "y") if k == 0 else (f"x{k + 1}", f"y{k + 1}")
         layout[xa.replace("x", "xaxis", 1)] = dict(
-            domain=[x0, x0 + width], anchor=ya, showticklabels=False
+            domain=[max(0.0, x0), min(1.0, x0 + width)], anchor=ya, showticklabels=False
         )
         layout[ya.replace("y", "yaxis", 1)] = dict(
-            domain=[top - height, top], anchor=xa, showticklabels=False
+            # clamp: rounding can put the last row's edge at -1e-17, which plotly rejects
+            domain=[max(0.0, top - height), min(1.0, top)], anchor=xa, showticklabels=False
         )
         traces.append(
             dict(

@@ -527,3 +527,15 @@ def test_figure_csv_lists_what_is_shown():
     # a figure dict (e.g. from the browser or fig.to_dict(), with base64 typed arrays) works too
     assert F.figure_csv(fig.to_dict()) == F.figure_csv(fig)
     assert F.figure_csv(json.loads(fig.to_json())) == F.figure_csv(fig)
+
+
+def test_layer_grid_with_many_layers_builds():
+    import numpy as np
+
+    from app.figures import layer_grid_figure
+
+    e0, e1 = np.linspace(-1, 1, 5), np.linspace(-2, 2, 6)
+    hists = {f"layer{i}.weight": (np.ones((4, 5)), e0, e1) for i in range(18)}
+    fig = layer_grid_figure(hists)  # 18 panels, 5 rows: the bottom edge must not go below 0
+    assert len(fig.data) >= 18
+    fig.to_json()
