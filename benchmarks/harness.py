@@ -11,8 +11,9 @@ Measurements, each in its own process (so an OOM or a crash only loses that entr
   copies in the same process, ``torch.set_num_threads(2)``, warm-up first, then
   ``reps`` interleaved blocks ``plain, config, plain, config, …``. A block runs the step
   ``k`` times, with ``k`` calibrated so a plain block lasts ``min_block_s`` (tiny models
-  would otherwise be timer noise). Reported: the median of the per-repetition ratios
-  ``t_config / t_plain`` and their range (min–max), plus the median step times.
+  would otherwise be timer noise) and a configuration block at most ``max_block_s``.
+  Reported: the median of the per-repetition ratios ``t_config / t_plain`` and their
+  range (min–max), plus the median step times.
 - **memory** (:func:`memory_config`): a fresh process builds only this configuration and
   runs a few steps. ``peak_rss`` is ``getrusage(RUSAGE_SELF).ru_maxrss``;
   ``step_rss = peak_rss - RSS before the first step`` is the step's footprint (activations,
@@ -150,6 +151,7 @@ class Options:
         reps: Interleaved repetitions (≥ 10 for the real benchmark).
         warmup: Untimed steps of each kind before calibrating.
         min_block_s: Target duration of one plain block.
+        max_block_s: Upper bound on one configuration block (caps k for slow ones).
         mem_steps: Steps in a memory measurement.
         mem_cap_gib: Per-process address-space cap above start-up (CPU).
         timeout_s: Per-process wall-clock limit.
@@ -163,6 +165,7 @@ class Options:
     reps: int = 10
     warmup: int = 2
     min_block_s: float = 0.5
+    max_block_s: float = 5.0
     mem_steps: int = 2
     mem_cap_gib: float = 8.0
     timeout_s: float = 900.0
@@ -219,12 +222,14 @@ def time_config(config: Config, workload: Workload, opts: Options) -> dict:
     plain = plain_step(_context(workload, copy.deepcopy(base), opts))
     step = config.setup(_context(workload, copy.deepcopy(base), opts))
     del base
-    warm = []
+    warm, warm_config = [], []
     for _ in range(max(1, opts.warmup)):
         warm.append(_block(plain, 1, opts.device))
-        step()
+        warm_config.append(_block(step, 1, opts.device))
     gc.collect()
     k = max(1, math.ceil(opts.min_block_s / max(min(warm), 1e-6)))
+    # ... but a slow configuration must not turn one block into minutes
+    k = max(1, min(k, math.floor(opts.max_block_s / max(min(warm_config), 1e-6))))
     ratios, cpu_ratios, t_plain, t_config = [], [], [], []
     for _ in range(opts.reps):
         c0 = time.process_time()
