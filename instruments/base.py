@@ -33,6 +33,7 @@ __all__ = [
     "register_instrument",
     "INSTRUMENTS",
     "norms",
+    "second_moment_rows",
 ]
 
 
@@ -216,4 +217,21 @@ def norms(step: int, instrument: str, tensors: dict[str, Tensor]) -> list[Record
     squares = {k: float(t.double().pow(2).sum()) for k, t in tensors.items()}
     rows: list[Record] = [Scalar(step, instrument, instrument, "all", sum(squares.values()) ** 0.5)]
     rows += [Scalar(step, instrument, instrument, k, v**0.5) for k, v in squares.items()]
+    return rows
+
+
+def second_moment_rows(ctx: StepContext, instrument: str, fn) -> list[Record]:
+    """Rows of ``fn(second_moment, mean_grad, N)`` model-wide and per tensor.
+
+    ``fn`` takes one tensor or lists of tensors (one per parameter), as
+    :func:`instruments.mean_gsnr.mean_gsnr` and :func:`instruments.early_stopping.early_stopping`.
+    """
+    from cockpit.quantities import SecondMoment
+
+    assert ctx.gathered is not None
+    sm, mean, n = ctx.gathered[SecondMoment()], ctx.mean_grads, ctx.batch_size
+    keys = list(sm)
+    total = fn([sm[k] for k in keys], [mean[k] for k in keys], n)
+    rows: list[Record] = [Scalar(ctx.step, instrument, instrument, "all", total)]
+    rows += [Scalar(ctx.step, instrument, instrument, k, fn(sm[k], mean[k], n)) for k in keys]
     return rows

@@ -30,9 +30,9 @@ from instruments.base import (
     Instrument,
     PanelSpec,
     Record,
-    Scalar,
     StepContext,
     register_instrument,
+    second_moment_rows,
 )
 
 __all__ = ["EarlyStopping", "early_stopping"]
@@ -86,20 +86,4 @@ class EarlyStopping(Instrument):
     )
 
     def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
-        assert ctx.gathered is not None
-        sm, mean, n = ctx.gathered[SecondMoment()], ctx.mean_grads, ctx.batch_size
-        keys = list(sm)
-        rows: list[Record] = [
-            Scalar(
-                ctx.step,
-                self.name,
-                self.name,
-                "all",
-                early_stopping([sm[k] for k in keys], [mean[k] for k in keys], n),
-            )
-        ]
-        rows += [
-            Scalar(ctx.step, self.name, self.name, k, early_stopping(sm[k], mean[k], n))
-            for k in keys
-        ]
-        return rows
+        return second_moment_rows(ctx, self.name, early_stopping)
