@@ -52,9 +52,21 @@ ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")
 RUN = "full-1e5"
 INSTRUMENTS = (
-    "alpha", "distance", "grad_hist_1d", "grad_norm", "inner_test", "loss", "norm_test",
-    "ortho_test", "update_size", "tic_diag", "hess_trace", "hess_max_ev", "grad_hist_2d",
-    "batch_size", "hyperparameters",
+    "alpha",
+    "distance",
+    "grad_hist_1d",
+    "grad_norm",
+    "inner_test",
+    "loss",
+    "norm_test",
+    "ortho_test",
+    "update_size",
+    "tic_diag",
+    "hess_trace",
+    "hess_max_ev",
+    "grad_hist_2d",
+    "batch_size",
+    "hyperparameters",
 )
 
 
@@ -69,8 +81,7 @@ class RunWriter:
 
         meta = {
             "instruments": [{"name": n, "schedule": "every(1)", "config": {}} for n in INSTRUMENTS],
-            "model": [{"name": p, "shape": [1], "numel": 1, "requires_grad": True}
-                      for p in PARAMS],
+            "model": [{"name": p, "shape": [1], "numel": 1, "requires_grad": True} for p in PARAMS],
             "tags": {"benchmark": "dashboard"},
         }
         self.writer = LogWriter(run_dir, meta)
@@ -91,15 +102,18 @@ class RunWriter:
                 ("loss", "loss", "all", decay + 0.1 * r[0]),
                 ("user", "accuracy", "all", 1.0 - 0.9 * decay + 0.05 * r[1]),
             ]
-            for k, inst in enumerate(("grad_norm", "distance", "update_size", "norm_test",
-                                      "inner_test", "ortho_test")):
+            for k, inst in enumerate(
+                ("grad_norm", "distance", "update_size", "norm_test", "inner_test", "ortho_test")
+            ):
                 base = (1.0 + r[2 + k]) * (decay if inst != "distance" else 1.0 - decay)
                 rows.append((inst, inst, "all", base))
                 rows += [(inst, inst, p, base * (0.3 + 0.1 * j)) for j, p in enumerate(PARAMS)]
             if step:
                 rows.append(("alpha", "alpha", "all", float(rng.normal(0.0, 0.5))))
-            rows += [("batch_size", t, "all", 64.0 * (1.0 + r[8 + i]))
-                     for i, t in enumerate(("norm_test", "inner_test", "ortho_test"))]
+            rows += [
+                ("batch_size", t, "all", 64.0 * (1.0 + r[8 + i]))
+                for i, t in enumerate(("norm_test", "inner_test", "ortho_test"))
+            ]
             rows += [
                 ("hyperparameters", "batch_size", "all", 64.0),
                 ("hyperparameters", "lr", "group0", 0.1 * decay),
@@ -107,16 +121,19 @@ class RunWriter:
                 ("hyperparameters", "weight_decay", "group0", 5e-4),
             ]
             if step % self.curv_every == 0:
-                rows += [("tic_diag", "tic_diag", "all", float(r[11])),
-                         ("hess_trace", "hess_trace", "all", 10.0 * r[12]),
-                         ("hess_max_ev", "hess_max_ev", "all", 5.0 * r[13])]
+                rows += [
+                    ("tic_diag", "tic_diag", "all", float(r[11])),
+                    ("hess_trace", "hess_trace", "all", 10.0 * r[12]),
+                    ("hess_max_ev", "hess_max_ev", "all", 5.0 * r[13]),
+                ]
             w.add_scalars(step, rows)
             self.scalar_rows += len(rows)
             if step % self.hist_every == 0:
                 for p in ("all", *PARAMS):
                     w.add_histogram(step, "grad_hist_1d", p, rng.random(100) * 1e3, [self.e1])
-                    w.add_histogram(step, "grad_hist_2d", p, rng.random((40, 50)) * 1e2,
-                                    [self.eg, self.ep])
+                    w.add_histogram(
+                        step, "grad_hist_2d", p, rng.random((40, 50)) * 1e2, [self.eg, self.ep]
+                    )
                     self.hist_rows += 2
         self.next_step += n
 
@@ -194,8 +211,9 @@ class Client:
 
     def _request(self, path: str, body: Any = None) -> tuple[float, Any, int]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=120) as resp:
             raw = resp.read()
             timing = resp.headers.get("Server-Timing", "app;dur=nan")
@@ -208,11 +226,18 @@ class Client:
         for part in dep["output"].strip(".").split("..."):
             ident, prop = part.rsplit(".", 1)
             outputs.append({"id": ident, "property": prop.split("@")[0]})
-        inputs = [{"id": i["id"], "property": i["property"], "value": v}
-                  for i, v in zip(dep["inputs"], values, strict=True)]
+        inputs = [
+            {"id": i["id"], "property": i["property"], "value": v}
+            for i, v in zip(dep["inputs"], values, strict=True)
+        ]
         state = [{"id": s["id"], "property": s["property"], "value": None} for s in dep["state"]]
-        body = {"output": dep["output"], "outputs": outputs if len(outputs) > 1 else outputs[0],
-                "inputs": inputs, "state": state, "changedPropIds": [changed]}
+        body = {
+            "output": dep["output"],
+            "outputs": outputs if len(outputs) > 1 else outputs[0],
+            "inputs": inputs,
+            "state": state,
+            "changedPropIds": [changed],
+        }
         ms, answer, size = self._request("/_dash-update-component", body)
         return ms, (answer or {}).get("response", {}), size
 
@@ -256,10 +281,14 @@ class Client:
 
         body = {
             "output": self.main["output"],
-            "outputs": [many("panel", "figure"), many("panel", "extendData"),
-                        many("card", "className"), {"id": "state", "property": "data"},
-                        {"id": "hints", "property": "children"},
-                        {"id": "status", "property": "children"}],
+            "outputs": [
+                many("panel", "figure"),
+                many("panel", "extendData"),
+                many("card", "className"),
+                {"id": "state", "property": "data"},
+                {"id": "hints", "property": "children"},
+                {"id": "status", "property": "children"},
+            ],
             "inputs": [
                 {"id": "pulse", "property": "data", "value": self.ticks},
                 {"id": "runs", "property": "value", "value": self.view["runs"]},
@@ -267,8 +296,10 @@ class Client:
                 {"id": "smoothing", "property": "value", "value": self.smoothing},
                 {"id": "xaxis", "property": "value", "value": "step"},
                 {"id": "layer", "property": "value", "value": self.view["layer"]},
-                [{"id": {"name": n, "type": "log"}, "property": "value", "value": self.logs[n]}
-                 for n in self.panels],
+                [
+                    {"id": {"name": n, "type": "log"}, "property": "value", "value": self.logs[n]}
+                    for n in self.panels
+                ],
             ],
             "state": [{"id": "state", "property": "data", "value": self.state}],
             "changedPropIds": [changed],
@@ -338,15 +369,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             run.write(min(1000, args.steps - run.next_step))
         run.writer.flush()
         write_s = time.perf_counter() - t0
-        rows.append(("run", f"{args.steps:,} steps: {run.scalar_rows:,} scalar rows, "
-                            f"{run.hist_rows:,} histograms, {_segment_files(root / RUN)} "
-                            f"segment files (written in {write_s:.0f} s)", ""))
+        rows.append(
+            (
+                "run",
+                f"{args.steps:,} steps: {run.scalar_rows:,} scalar rows, "
+                f"{run.hist_rows:,} histograms, {_segment_files(root / RUN)} "
+                f"segment files (written in {write_s:.0f} s)",
+                "",
+            )
+        )
 
         port = _free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         server = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.bench_dashboard", "serve", str(root), str(port),
-             str(args.interval)], cwd=ROOT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_dashboard",
+                "serve",
+                str(root),
+                str(port),
+                str(args.interval),
+            ],
+            cwd=ROOT,
+            env=env,
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -360,20 +406,35 @@ def main(argv: Sequence[str] | None = None) -> None:
                         raise RuntimeError("the dashboard server did not start") from None
                     time.sleep(0.2)
             cold = Client(url, RUN).load()
-            rows.append(("page load, cold (server; run read from disk)",
-                         f"{_load_ms(cold) / 1e3:.2f} s (reading + main build "
-                         f"{(cold['layer'] + cold['main (full build)']) / 1e3:.2f} s)", ""))
+            rows.append(
+                (
+                    "page load, cold (server; run read from disk)",
+                    f"{_load_ms(cold) / 1e3:.2f} s (reading + main build "
+                    f"{(cold['layer'] + cold['main (full build)']) / 1e3:.2f} s)",
+                    "",
+                )
+            )
             # Each load with its own smoothing: a view no client has seen, so every figure is
             # built (clients with the same view of the same rows would share the figures).
             warm = [Client(url, RUN, smoothing=0.5 + 0.01 * k).load() for k in range(3)]
             build = statistics.median(w["main (full build)"] for w in warm)
-            rows.append(("page load, warm (server; run cached, figures built)",
-                         f"{statistics.median(_load_ms(w) for w in warm) / 1e3:.2f} s median "
-                         f"of 3 (main build {build / 1e3:.2f} s, "
-                         f"{warm[0]['bytes'] / 1e6:.1f} MB)", "< 2 s"))
+            rows.append(
+                (
+                    "page load, warm (server; run cached, figures built)",
+                    f"{statistics.median(_load_ms(w) for w in warm) / 1e3:.2f} s median "
+                    f"of 3 (main build {build / 1e3:.2f} s, "
+                    f"{warm[0]['bytes'] / 1e6:.1f} MB)",
+                    "< 2 s",
+                )
+            )
             shared = Client(url, RUN, smoothing=0.5).load()
-            rows.append(("page load, warm, same view as an earlier client (figures shared)",
-                         f"{_load_ms(shared) / 1e3:.2f} s", ""))
+            rows.append(
+                (
+                    "page load, warm, same view as an earlier client (figures shared)",
+                    f"{_load_ms(shared) / 1e3:.2f} s",
+                    "",
+                )
+            )
 
             # Live refreshes: a writer appends steps, clients tick every interval.
             stop = threading.Event()
@@ -401,9 +462,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             single: list = []
             tick_loop(one, single, time.monotonic() + args.duration / 2, 0.0)
             server_ms = [s for s, _ in single]
-            rows.append(("refresh, 1 client (server p50 / p95 / max)",
-                         f"{_pct(server_ms, 50):.0f} / {_pct(server_ms, 95):.0f} / "
-                         f"{max(server_ms):.0f} ms over {len(server_ms)} ticks", "< 300 ms"))
+            rows.append(
+                (
+                    "refresh, 1 client (server p50 / p95 / max)",
+                    f"{_pct(server_ms, 50):.0f} / {_pct(server_ms, 95):.0f} / "
+                    f"{max(server_ms):.0f} ms over {len(server_ms)} ticks",
+                    "< 300 ms",
+                )
+            )
 
             clients = [Client(url, RUN) for _ in range(args.clients)]
             loads = []
@@ -412,8 +478,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             results: list[list] = [[] for _ in clients]
             until = time.monotonic() + args.duration
             threads = [
-                threading.Thread(target=tick_loop, args=(
-                    c, results[i], until, args.interval * i / len(clients)))
+                threading.Thread(
+                    target=tick_loop, args=(c, results[i], until, args.interval * i / len(clients))
+                )
                 for i, c in enumerate(clients)
             ]
             for t in threads:
@@ -424,14 +491,25 @@ def main(argv: Sequence[str] | None = None) -> None:
             writer_thread.join()
             server_ms = [s for r in results for s, _ in r]
             wall_ms = [w for r in results for _, w in r]
-            rows.append((f"refresh, {args.clients} clients every {args.interval:g} s "
-                         "(server p50 / p95 / max)",
-                         f"{_pct(server_ms, 50):.0f} / {_pct(server_ms, 95):.0f} / "
-                         f"{max(server_ms):.0f} ms over {len(server_ms)} ticks", "< 1 s"))
-            rows.append((f"refresh, {args.clients} clients (client wall p50 / p95)",
-                         f"{_pct(wall_ms, 50):.0f} / {_pct(wall_ms, 95):.0f} ms", ""))
-            rows.append(("live rows appended meanwhile",
-                         f"{run.next_step - args.steps:,} steps", ""))
+            rows.append(
+                (
+                    f"refresh, {args.clients} clients every {args.interval:g} s "
+                    "(server p50 / p95 / max)",
+                    f"{_pct(server_ms, 50):.0f} / {_pct(server_ms, 95):.0f} / "
+                    f"{max(server_ms):.0f} ms over {len(server_ms)} ticks",
+                    "< 1 s",
+                )
+            )
+            rows.append(
+                (
+                    f"refresh, {args.clients} clients (client wall p50 / p95)",
+                    f"{_pct(wall_ms, 50):.0f} / {_pct(wall_ms, 95):.0f} ms",
+                    "",
+                )
+            )
+            rows.append(
+                ("live rows appended meanwhile", f"{run.next_step - args.steps:,} steps", "")
+            )
         finally:
             server.terminate()
             server.wait(timeout=30)
