@@ -43,7 +43,23 @@ __all__ = ["Cockpit", "NonFiniteError"]
 
 
 class NonFiniteError(FloatingPointError):
-    """The loss or the gradients of a tracked step are NaN/inf (``on_nonfinite="raise"``)."""
+    """The loss or the gradients of a tracked step are NaN/inf (``on_nonfinite="raise"``).
+
+    Example:
+        >>> import math, torch
+        >>> from cockpit import Cockpit, NonFiniteError
+        >>> model, loss_fn = torch.nn.Linear(2, 1), torch.nn.MSELoss()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(4, 2), torch.full((4, 1), math.inf)  # a broken target
+        >>> with Cockpit(model, loss_fn, opt, ["loss"], on_nonfinite="raise") as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     try:
+        ...         with cockpit.step(0, loss):
+        ...             loss.backward()
+        ...     except NonFiniteError as exc:
+        ...         print(exc)
+        step 0: the loss or the gradients are not finite; instruments ['loss'] log NaN
+    """
 
 
 @dataclass
@@ -86,6 +102,34 @@ class Cockpit:
     Gradient accumulation over micro-batches is not supported on tracked steps: the
     gradients must be zero (or None) when a tracked step's backward pass starts, since
     per-sample statistics describe one batch. Untracked steps may accumulate freely.
+
+    Example:
+        Three instruments and a user metric, logged to a run directory and read back:
+
+        >>> import tempfile, torch
+        >>> from cockpit import Cockpit
+        >>> from cockpit.logreader import read_log
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> loss_fn = torch.nn.CrossEntropyLoss()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))  # [N, D_in], [N]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     cockpit = Cockpit(model, loss_fn, opt, ["loss", "grad_norm", "alpha"], f"{tmp}/run")
+        ...     for step in range(3):
+        ...         opt.zero_grad()
+        ...         loss = loss_fn(model(x), y)
+        ...         with cockpit.step(step, loss):
+        ...             loss.backward()
+        ...         opt.step()
+        ...         cockpit.log(step, accuracy=(model(x).argmax(1) == y).float().mean())
+        ...     latest = cockpit.latest()
+        ...     cockpit.close()
+        ...     df = read_log(f"{tmp}/run")
+        >>> sorted(latest)
+        ['alpha', 'grad_norm', 'loss', 'user.accuracy']
+        >>> df.groupby("instrument").step.max().to_dict()  # alpha needs the next step
+        {'alpha': 1, 'grad_norm': 2, 'loss': 2, 'user': 2}
     """
 
     def __init__(
@@ -215,7 +259,11 @@ class Cockpit:
 
         Args:
             step: The step index (strictly increasing across calls).
-            loss: The batch loss tensor about to be backpropagated.
+            loss: The batch loss tensor (a scalar ``[]``) about to be backpropagated.
+
+        Yields:
+            None; the instruments scheduled for ``step`` run when the block exits (those
+            that need the update, like ``alpha``, after ``optimizer.step()``).
 
         Raises:
             ValueError: For a step index that does not increase, a model whose
@@ -457,6 +505,10 @@ class Cockpit:
         """Log user metrics (e.g. ``accuracy=0.93``) beside the instruments.
 
         They are written as instrument ``"user"``, param ``"all"``.
+
+        Args:
+            step: The step index the metrics belong to (need not be tracked).
+            **metrics: ``name=value`` pairs: floats or one-element tensors.
         """
         rows = []
         for k, v in metrics.items():
@@ -466,7 +518,11 @@ class Cockpit:
         self._emit(rows)
 
     def latest(self) -> dict[str, float]:
-        """The last model-wide values: ``{instrument: value}`` (``"inst.metric"`` for extras)."""
+        """The last model-wide values: ``{instrument: value}`` (``"inst.metric"`` for extras).
+
+        Returns:
+            A copy: ``{"loss": 0.97, "grad_norm": 0.5, "user.accuracy": 0.5, ...}``.
+        """
         return dict(self._latest)
 
     def close(self) -> None:

@@ -46,7 +46,20 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Quantity:
-    """Base class of all quantity keys."""
+    """Base class of all quantity keys.
+
+    Subclasses are frozen dataclasses: hashable values, so equal requests share one
+    computation and the configuration is part of the key.
+
+    Example:
+        >>> from cockpit.quantities import BatchL2, Hist1D, Quantity, SecondMoment
+        >>> issubclass(Hist1D, Quantity), Hist1D(bins=10) == Hist1D(bins=10)
+        (True, True)
+        >>> len({Hist1D(bins=10), Hist1D(bins=20)})  # different configurations
+        2
+        >>> BatchL2.total_mode, SecondMoment.total_mode  # how a model-wide total is formed
+        ('sum', None)
+    """
 
     #: How per-parameter results combine into the model-wide total:
     #: ``"sum"`` (add tensors of equal shape), ``"trace"`` (sum of all entries, for
@@ -56,12 +69,49 @@ class Quantity:
 
 @dataclass(frozen=True)
 class BatchL2(Quantity):
-    """Squared norms ``‖g_n‖²`` of the individual gradients; per parameter ``[N]``."""
+    """Squared norms ``‖g_n‖²`` of the individual gradients; per parameter ``[N]``.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import BatchL2, IndividualGradients
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> with Engine(model, loss_fn) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([BatchL2(), IndividualGradients()]) as result:
+        ...         loss.backward()
+        >>> result[BatchL2()]["weight"].shape  # [N]
+        torch.Size([4])
+        >>> g = result[IndividualGradients()]["weight"]  # [N, D_out, D_in]
+        >>> torch.allclose(result[BatchL2()]["weight"], g.flatten(1).pow(2).sum(1))
+        True
+        >>> result.total(BatchL2()).shape  # ‖g_n‖² over all parameters
+        torch.Size([4])
+    """
 
 
 @dataclass(frozen=True)
 class BatchDot(Quantity):
-    """Gram matrix ``⟨g_n, g_m⟩`` of the individual gradients; per parameter ``[N, N]``."""
+    """Gram matrix ``⟨g_n, g_m⟩`` of the individual gradients; per parameter ``[N, N]``.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import BatchDot, IndividualGradients
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> with Engine(model, loss_fn) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([BatchDot(), IndividualGradients()]) as result:
+        ...         loss.backward()
+        >>> gram = result[BatchDot()]["weight"]  # [N, N]
+        >>> g = result[IndividualGradients()]["weight"].flatten(1)  # [N, D]
+        >>> gram.shape, torch.allclose(gram, g @ g.T)
+        (torch.Size([4, 4]), True)
+    """
 
 
 @dataclass(frozen=True)
@@ -70,6 +120,24 @@ class SecondMoment(Quantity):
 
     The (biased) variance of the individual gradients follows as
     ``second_moment / N - mean²``; see :func:`variance`.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import IndividualGradients, SecondMoment, variance
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> with Engine(model, loss_fn) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([SecondMoment(), IndividualGradients()]) as result:
+        ...         loss.backward()
+        >>> m2 = result[SecondMoment()]["weight"]  # [*P] = [2, 3]
+        >>> g = result[IndividualGradients()]["weight"]  # [N, 2, 3]
+        >>> m2.shape, torch.allclose(m2, (g**2).sum(0))
+        (torch.Size([2, 3]), True)
+        >>> torch.allclose(variance(m2, g.mean(0), 4), g.var(0, unbiased=False))
+        True
     """
 
     total_mode = None
@@ -82,6 +150,22 @@ class GradDot(Quantity):
     ``ḡ`` is the mean of the individual gradients for both reductions (for
     ``reduction="sum"`` it is the batch gradient divided by N), which is what the
     gradient tests need. The model-wide total is ``⟨g_n, ḡ⟩`` over all parameters.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import GradDot, IndividualGradients
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> with Engine(model, loss_fn) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([GradDot(), IndividualGradients()]) as result:
+        ...         loss.backward()
+        >>> g = result[IndividualGradients()]["weight"].flatten(1)  # [N, D]
+        >>> mean = model.weight.grad.flatten() / 4  # "sum": the batch gradient over N
+        >>> torch.allclose(result[GradDot()]["weight"], g @ mean)
+        True
     """
 
 
@@ -95,6 +179,27 @@ class Projection(Quantity):
 
     Args:
         key: Name of the direction in ``directions``.
+
+    Example:
+        Project the individual gradients onto the sign of the batch gradient (only the
+        weight; the bias counts as zero):
+
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import IndividualGradients, Projection
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> with Engine(model, loss_fn) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     u = {"weight": torch.ones(2, 3, dtype=torch.float64)}
+        ...     keys = [Projection("u"), IndividualGradients()]
+        ...     with engine.gather(keys, directions={"u": u}) as result:
+        ...         loss.backward()
+        >>> g = result[IndividualGradients()]["weight"]  # [N, 2, 3]
+        >>> proj = result.total(Projection("u"))  # [N], summed over parameters
+        >>> torch.allclose(proj, (g * u["weight"]).flatten(1).sum(1))
+        True
     """
 
     key: str = "u"
@@ -106,6 +211,23 @@ class IndividualGradients(Quantity):
 
     Memory grows as N × D; request it only when needed. It is never concatenated
     into a model-wide tensor.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import IndividualGradients
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> with Engine(model, loss_fn) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([IndividualGradients()]) as result:
+        ...         loss.backward()
+        >>> g = result[IndividualGradients()]
+        >>> g["weight"].shape, g["bias"].shape  # [N, *P]
+        (torch.Size([4, 2, 3]), torch.Size([4, 2]))
+        >>> torch.allclose(g["weight"].sum(0), model.weight.grad)  # reduction="sum"
+        True
     """
 
     total_mode = None
@@ -121,6 +243,23 @@ class Hist1D(Quantity):
     Args:
         bins: Number of bins B.
         range: ``(low, high)`` of the bins.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import Hist1D
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> with Engine(model, loss_fn) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([Hist1D(bins=4)]) as result:
+        ...         loss.backward()
+        >>> counts = result[Hist1D(bins=4)]["weight"]  # [B]: N·D = 4·6 entries
+        >>> counts.shape, int(counts.sum())
+        (torch.Size([4]), 24)
+        >>> Hist1D(bins=4).edges()
+        tensor([-2., -1.,  0.,  1.,  2.], dtype=torch.float64)
     """
 
     bins: int = 100
@@ -143,6 +282,23 @@ class Hist2D(Quantity):
     Args:
         bins: ``(B_g, B_θ)`` numbers of gradient and parameter bins.
         range: ``((g_low, g_high), (θ_low, θ_high))``.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import Hist2D
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> with Engine(model, loss_fn) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([Hist2D(bins=(3, 2))]) as result:
+        ...         loss.backward()
+        >>> counts = result[Hist2D(bins=(3, 2))]["weight"]  # [B_g, B_θ]
+        >>> counts.shape, int(counts.sum())  # N·D = 4·6 pairs
+        (torch.Size([3, 2]), 24)
+        >>> [e.tolist() for e in Hist2D(bins=(3, 2)).edges()]
+        [[-1.0, -0.33..., 0.33..., 1.0], [-2.0, 0.0, 2.0]]
     """
 
     bins: tuple[int, int] = (40, 50)
@@ -178,6 +334,28 @@ class DiagGGN(Quantity):
             loss-Hessian square root, e.g. K = C classes for cross-entropy); M > 0 for the
             unbiased Monte-Carlo estimate from M sampled columns, drawn with the
             engine's generator (see ``Engine(seed=...)``).
+
+    Example:
+        For a linear model under the summed squared error the GGN is the Hessian,
+        ``2 Σ_n x_n x_nᵀ`` for each output row, so its diagonal is ``2 Σ_n x_nj²``:
+
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import DiagGGN
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> with Engine(model, loss_fn, seed=0) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([DiagGGN(), DiagGGN(mc_samples=1)]) as result:
+        ...         loss.backward()
+        >>> diag = result[DiagGGN()]["weight"]  # [*P] = [2, 3]
+        >>> torch.allclose(diag, 2 * (x**2).sum(0).expand(2, 3))
+        True
+        >>> result.exact[DiagGGN()], result.exact[DiagGGN(mc_samples=1)]
+        (True, False)
+        >>> result[DiagGGN(mc_samples=1)]["weight"].shape
+        torch.Size([2, 3])
     """
 
     mc_samples: int = 0
@@ -211,6 +389,31 @@ class DiagHessian(Quantity):
         residual_budget: Largest number of tensor elements the exact residual terms may
             produce in total (columns × layer-output elements, summed over the
             activation calls), a proxy for their cost; beyond it the fallback is used.
+
+    Example:
+        A tanh network, checked against the Hessian from ``torch.func``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.func import functional_call, hessian
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import DiagHessian
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+        >>> loss_fn = nn.MSELoss()
+        >>> x, y = torch.randn(5, 3).double(), torch.randn(5, 1).double()
+        >>> with Engine(model, loss_fn) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([DiagHessian()]) as result:
+        ...         loss.backward()
+        >>> result.exact[DiagHessian()]  # GGN plus the Tanh module's residual term
+        True
+        >>> params = {k: p.detach() for k, p in model.named_parameters()}
+        >>> def loss_of(w):
+        ...     return loss_fn(functional_call(model, {**params, "0.weight": w}, (x,)), y)
+        >>> h = hessian(loss_of)(params["0.weight"]).reshape(6, 6)
+        >>> torch.allclose(result[DiagHessian()]["0.weight"], h.diagonal().reshape(2, 3))
+        True
     """
 
     probes: int = 64
@@ -254,6 +457,35 @@ class Gathered:
             :class:`DiagHessian`).
         notes: For curvature quantities, how the value was obtained (and why a
             fallback was needed).
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import BatchL2, DiagGGN, SecondMoment
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> with Engine(model, loss_fn) as engine:
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([BatchL2(), SecondMoment(), DiagGGN()]) as result:
+        ...         loss.backward()
+        >>> result.batch_size, result.reduction, BatchL2() in result
+        (4, 'sum', True)
+        >>> sorted(result[BatchL2()])  # {parameter name: [N]}
+        ['bias', 'weight']
+        >>> torch.allclose(  # ‖g_n‖² over all parameters
+        ...     result.total(BatchL2()), result[BatchL2()]["weight"] + result[BatchL2()]["bias"]
+        ... )
+        True
+        >>> trace = result.total(DiagGGN())  # 2 Σ x² per output row, plus 2N per bias entry
+        >>> torch.allclose(trace, 2 * 2 * (x**2).sum() + 2 * 2 * 4)
+        True
+        >>> result.exact[DiagGGN()]
+        True
+        >>> result.total(SecondMoment())
+        Traceback (most recent call last):
+        ...
+        ValueError: SecondMoment() has no model-wide total; use per-parameter values
     """
 
     batch_size: int

@@ -26,6 +26,16 @@ class Schedule:
     Args:
         fn: ``step -> bool``.
         config: JSON-serializable description (kind and arguments).
+
+    Example:
+        A custom schedule (the run metadata records ``config``):
+
+        >>> from cockpit.schedules import Schedule
+        >>> warmup = Schedule(lambda s: s < 3 or s % 10 == 0, {"kind": "warmup", "n": 3})
+        >>> [s for s in range(25) if warmup(s)]
+        [0, 1, 2, 10, 20]
+        >>> warmup, warmup.config
+        (warmup(n=3), {'kind': 'warmup', 'n': 3})
     """
 
     def __init__(self, fn, config: dict) -> None:
@@ -47,6 +57,16 @@ def every(k: int, offset: int = 0) -> Schedule:
     Args:
         k: Interval (≥ 1).
         offset: First tracked step (≥ 0).
+
+    Returns:
+        The schedule.
+
+    Example:
+        >>> from cockpit.schedules import every
+        >>> [s for s in range(12) if every(4, offset=2)(s)]
+        [2, 6, 10]
+        >>> every(4, offset=2).config
+        {'kind': 'every', 'k': 4, 'offset': 2}
     """
     if int(k) != k or k < 1:
         raise ValueError(f"every(k): k must be a positive integer, got {k!r}")
@@ -66,6 +86,15 @@ def log_spaced(start: int, end: int, num: int) -> Schedule:
         start: First step (≥ 1, as log(0) is undefined).
         end: Upper bound (exclusive, > start).
         num: Number of points before deduplication.
+
+    Returns:
+        The schedule: dense early in training, sparse later.
+
+    Example:
+        >>> from cockpit.schedules import log_spaced
+        >>> track = log_spaced(1, 1000, 7)
+        >>> [s for s in range(1000) if track(s)]
+        [1, 3, 10, 32, 100, 316]
     """
     if start < 1 or end <= start or num < 1:
         raise ValueError(
@@ -81,6 +110,19 @@ def log_spaced(start: int, end: int, num: int) -> Schedule:
 
 
 def at(steps: Iterable[int]) -> Schedule:
-    """Track exactly the given steps."""
+    """Track exactly the given steps.
+
+    Args:
+        steps: The step indices to track (any iterable of ints).
+
+    Returns:
+        The schedule.
+
+    Example:
+        >>> from cockpit.schedules import at
+        >>> final = at([0, 99])
+        >>> final(99), final(50), final
+        (True, False, at(steps=[0, 99]))
+    """
     chosen = frozenset(int(s) for s in steps)
     return Schedule(chosen.__contains__, {"kind": "at", "steps": sorted(chosen)})
