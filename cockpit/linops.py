@@ -66,7 +66,23 @@ def twice_differentiable() -> Iterator[None]:
     Fused scaled-dot-product attention kernels (flash, memory-efficient) have no
     derivative of their backward pass; inside this context attention uses the math
     implementation, so Hessian-vector products through ``nn.MultiheadAttention`` and
-    transformer layers work.
+    transformer layers work. :meth:`HessianOperator.from_model` uses it already; wrap
+    your own loss closures in it.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from cockpit.linops import HessianOperator, twice_differentiable
+        >>> _ = torch.manual_seed(0)
+        >>> q = torch.randn(2, 1, 4, 3, dtype=torch.float64)  # [N, heads, S, D]
+        >>> def loss(p):
+        ...     with twice_differentiable():
+        ...         out = F.scaled_dot_product_attention(q @ p["w"], q, q)  # [N, heads, S, D]
+        ...     return out.pow(2).sum()
+        >>> op = HessianOperator(loss, {"w": torch.eye(3, dtype=torch.float64)})
+        >>> hess = op @ torch.eye(9, dtype=torch.float64)  # [D, D], D = 9
+        >>> hess.shape, torch.allclose(hess, hess.T)
+        (torch.Size([9, 9]), True)
     """
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -82,6 +98,23 @@ class LinearOperator:
 
     Subclasses implement :meth:`_matmat` (``[D, K] -> [D, K]``) and set ``shape``,
     ``dtype`` and ``device``.
+
+    Example:
+        A diagonal operator, usable by every estimator here:
+
+        >>> import torch
+        >>> from cockpit.linops import LinearOperator, hutchinson_trace
+        >>> class Diagonal(LinearOperator):
+        ...     def __init__(self, d):
+        ...         self.d, self.shape = d, (len(d), len(d))
+        ...         self.dtype, self.device = d.dtype, d.device
+        ...     def _matmat(self, mat):  # [D, K] -> [D, K]
+        ...         return self.d[:, None] * mat
+        >>> op = Diagonal(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        >>> op @ torch.ones(3, dtype=torch.float64)
+        tensor([1., 2., 3.], dtype=torch.float64)
+        >>> float(hutchinson_trace(op, num_probes=4))  # exact: Rademacher vᵀ D v = tr D
+        6.0
     """
 
     shape: tuple[int, int]
@@ -117,6 +150,30 @@ class HessianOperator(LinearOperator):
         batched: Apply ``matmat`` columns in one batched double-backward pass
             (``is_grads_batched``); falls back to a loop, with a warning, where the graph
             does not support it.
+
+    Example:
+        For least squares ``L = ‖X w − y‖²`` the Hessian is ``2 XᵀX``:
+
+        >>> import torch
+        >>> from cockpit.linops import HessianOperator
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1, bias=False).double()
+        >>> x, y = torch.randn(5, 3).double(), torch.randn(5, 1).double()  # [N, D_in], [N, 1]
+        >>> loss_fn = torch.nn.MSELoss(reduction="sum")
+        >>> op = HessianOperator.from_model(model, loss_fn, (x,), y)
+        >>> op.shape, op.names
+        ((3, 3), ['weight'])
+        >>> torch.allclose(op @ torch.eye(3, dtype=torch.float64), 2 * x.T @ x)
+        True
+        >>> torch.allclose(op.loss_value, loss_fn(model(x), y))
+        True
+
+        Vectors are flat; ``flatten``/``unflatten`` convert to and from ``{name: [*P]}``:
+
+        >>> v = op.flatten({"weight": torch.ones(1, 3, dtype=torch.float64)})  # [D]
+        >>> hv = op.unflatten(op @ v)
+        >>> hv["weight"].shape
+        torch.Size([1, 3])
     """
 
     def __init__(
@@ -162,6 +219,9 @@ class HessianOperator(LinearOperator):
             inputs: Positional model inputs.
             target: The target.
             params: ``{name: tensor}``; default: all parameters with ``requires_grad``.
+
+        Returns:
+            The operator, ``[D, D]`` with D the number of entries of ``params``.
         """
         if params is None:
             params = {k: p for k, p in model.named_parameters() if p.requires_grad}
@@ -395,6 +455,16 @@ class LanczosResult(NamedTuple):
         eigenvectors: Their unit Ritz vectors as columns, ``[D, k]``.
         converged: Whether every returned pair met the tolerance.
         num_matvecs: Operator applications used.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.linops import lanczos
+        >>> a = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))  # eigenvalues 1..10
+        >>> res = lanczos(a, k=2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+        >>> res.eigenvalues.round(decimals=8).tolist(), res.eigenvectors.shape  # [k], [D, k]
+        ([10.0, 9.0], torch.Size([10, 2]))
+        >>> res.converged, res.num_matvecs <= 10
+        (True, True)
     """
 
     eigenvalues: Tensor
