@@ -111,8 +111,8 @@ class LinearOperator:
         ...     def _matmat(self, mat):  # [D, K] -> [D, K]
         ...         return self.d[:, None] * mat
         >>> op = Diagonal(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
-        >>> op @ torch.ones(3, dtype=torch.float64)
-        tensor([1., 2., 3.], dtype=torch.float64)
+        >>> (op @ torch.ones(3, dtype=torch.float64)).tolist()
+        [1.0, 2.0, 3.0]
         >>> float(hutchinson_trace(op, num_probes=4))  # exact: Rademacher vᵀ D v = tr D
         6.0
     """

@@ -258,8 +258,8 @@ class Hist1D(Quantity):
         >>> counts = result[Hist1D(bins=4)]["weight"]  # [B]: N·D = 4·6 entries
         >>> counts.shape, int(counts.sum())
         (torch.Size([4]), 24)
-        >>> Hist1D(bins=4).edges()
-        tensor([-2., -1.,  0.,  1.,  2.], dtype=torch.float64)
+        >>> Hist1D(bins=4).edges().tolist()  # [B + 1], float64
+        [-2.0, -1.0, 0.0, 1.0, 2.0]
     """
 
     bins: int = 100

@@ -23,6 +23,7 @@ import re
 import types
 
 import pytest
+import torch
 
 PACKAGES = ("cockpit", "instruments", "app")
 
@@ -54,9 +55,14 @@ def run_doctests(module: types.ModuleType) -> tuple[int, int, str]:
     finder = doctest.DocTestFinder(exclude_empty=True)
     lines: list[str] = []
     runner = doctest.DocTestRunner(optionflags=OPTIONFLAGS)
-    for test in finder.find(module, module.__name__):
-        if test.examples:
-            runner.run(test, out=lines.append, clear_globs=True)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # examples print tensors as a fresh session would
+    try:
+        for test in finder.find(module, module.__name__):
+            if test.examples:
+                runner.run(test, out=lines.append, clear_globs=True)
+    finally:
+        torch.set_default_dtype(dtype)
     failed, attempted = runner.summarize(verbose=False)
     return failed, attempted, "".join(lines)
 
