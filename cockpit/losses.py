@@ -61,6 +61,15 @@ class LossInfo:
             are then unavailable; its Hessian square root still works).
         name: The module's class name, used in messages.
 
+    Example:
+        >>> import torch
+        >>> from cockpit.losses import LossInfo, classify
+        >>> info = classify(torch.nn.CrossEntropyLoss())
+        >>> info == LossInfo(kind="ce", reduction="mean", name="CrossEntropyLoss")
+        True
+        >>> classify(torch.nn.KLDivLoss(reduction="batchmean")).reduction  # L = (1/N) Σ l_n
+        'mean'
+
     """
 
     kind: str
@@ -84,6 +93,18 @@ def classify(loss_fn: Callable) -> LossInfo:
     Raises:
         ValueError: For ``reduction="none"`` (the engine needs a scalar loss) or an unknown
             reduction; the message names the module.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.losses import classify
+        >>> classify(torch.nn.MSELoss(reduction="sum"))
+        LossInfo(kind='mse', reduction='sum', name='MSELoss')
+        >>> classify(torch.nn.HuberLoss()).kind  # no closed form: the generic path
+        'generic'
+        >>> classify(torch.nn.MSELoss(reduction="none"))
+        Traceback (most recent call last):
+        ...
+        ValueError: MSELoss has reduction='none'; the engine needs a scalar batch loss, ...
 
     """
     name = _name(loss_fn)
@@ -540,6 +561,27 @@ def hessian_sqrt(
         ValueError: For unsupported settings (see :func:`classify`), mismatched shapes, or
             ``batch_size`` not dividing the output's rows.
 
+    Example:
+        The columns reproduce the per-sample block of the output Hessian:
+
+        >>> import torch
+        >>> from torch.func import hessian
+        >>> from cockpit.losses import hessian_sqrt
+        >>> _ = torch.manual_seed(0)
+        >>> loss_fn = torch.nn.CrossEntropyLoss()
+        >>> f, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 2])  # [N, C]
+        >>> s = hessian_sqrt(loss_fn, f, y)  # [K, N, C] with K = C
+        >>> s.shape
+        torch.Size([3, 4, 3])
+        >>> block = torch.einsum("ki,kj->ij", s[:, 0], s[:, 0])  # Σ_k S_k[0] S_k[0]ᵀ
+        >>> h = hessian(lambda f: loss_fn(f, y))(f)  # [N, C, N, C]
+        >>> torch.allclose(block, h[0, :, 0, :])
+        True
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> mc = hessian_sqrt(loss_fn, f, y, mc_samples=2, generator=gen)
+        >>> mc.shape  # [M, N, C], unbiased for the same block
+        torch.Size([2, 4, 3])
+
     """
     info = classify(loss_fn)
     _check_mc(mc_samples)
@@ -579,6 +621,24 @@ def individual_losses(
     Raises:
         ValueError: For unsupported settings, a generic callable without a ``reduction``
             attribute, or a generic module whose unreduced copy does not reproduce its loss.
+
+    Example:
+        Class weights make the mean non-uniform; the individual losses still average to ``L``:
+
+        >>> import torch
+        >>> from cockpit.losses import individual_losses
+        >>> _ = torch.manual_seed(0)
+        >>> loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]).double())
+        >>> f, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 2])  # [N, C]
+        >>> l = individual_losses(loss_fn, f, y)  # [N]
+        >>> l.shape, torch.allclose(l.mean(), loss_fn(f, y))
+        (torch.Size([4]), True)
+
+        The flattened language-model layout: ``[N·T, C]`` rows, ``T = 2`` per sample:
+
+        >>> l = individual_losses(loss_fn, f, y, batch_size=2)  # [N] with N = 2
+        >>> l.shape, torch.allclose(l.mean(), loss_fn(f, y))
+        (torch.Size([2]), True)
 
     """
     info = classify(loss_fn)
