@@ -50,6 +50,13 @@ class PanelSpec:
         metrics: Metric names plotted (default: the instrument name).
         y_log: Log scale by default.
         description: One sentence: the question the panel answers.
+
+    Example:
+        >>> from instruments import INSTRUMENTS, PanelSpec
+        >>> INSTRUMENTS["grad_norm"].panel.kind, INSTRUMENTS["grad_norm"].panel.group
+        ('line', 'step_size')
+        >>> PanelSpec("line", "gradients", "Largest individual gradient", y_log=True).metrics
+        ()
     """
 
     kind: str
@@ -62,7 +69,16 @@ class PanelSpec:
 
 @dataclass
 class Scalar:
-    """One scalar log row (``param="all"`` for model-wide values)."""
+    """One scalar log row (``param="all"`` for model-wide values).
+
+    Example:
+        What :meth:`Instrument.compute` and :meth:`Instrument.on_update` return; the
+        Cockpit writes each as one row of the ``scalars`` table:
+
+        >>> from instruments.base import Scalar
+        >>> Scalar(step=3, instrument="cabs", metric="lr_eff", param="all", value=0.1)
+        Scalar(step=3, instrument='cabs', metric='lr_eff', param='all', value=0.1)
+    """
 
     step: int
     instrument: str
@@ -73,7 +89,17 @@ class Scalar:
 
 @dataclass
 class Histogram:
-    """One histogram log row: ``counts`` ``[B]`` or ``[B_g, B_θ]`` and the bin edges."""
+    """One histogram log row: ``counts`` ``[B]`` or ``[B_g, B_θ]`` and the bin edges.
+
+    Example:
+        >>> import torch
+        >>> from instruments.base import Histogram
+        >>> from instruments.histograms import hist_1d
+        >>> counts, edges = hist_1d(torch.tensor([-3.0, 0.1, 0.2, 5.0]), bins=4)
+        >>> row = Histogram(0, "grad_hist_1d", "all", counts, (edges,))  # [B], ([B + 1],)
+        >>> row.counts.tolist(), row.edges[0].tolist()  # outliers land in the edge bins
+        ([1.0, 0.0, 2.0, 1.0], [-2.0, -1.0, 0.0, 1.0, 2.0])
+    """
 
     step: int
     instrument: str
@@ -96,6 +122,18 @@ class Plan:
         update: Wants :meth:`Instrument.on_update` after ``optimizer.step()``.
         output_grad: Needs the gradient w.r.t. the model output (start-point
             projections onto the update, see :meth:`StepContext.directional_derivatives`).
+
+    Example:
+        >>> from cockpit import schedules
+        >>> from instruments import get
+        >>> norm_test = get("norm_test", schedules.every(10))
+        >>> plan = norm_test.plan(20)
+        >>> sorted(map(repr, plan.quantities)), plan.update, plan.individual_losses
+        (['BatchL2()', 'GradDot()'], False, False)
+        >>> norm_test.plan(5) is None  # not scheduled: idle
+        True
+        >>> get("alpha").plan(0) is None  # no schedule yet (the Cockpit assigns its default)
+        True
     """
 
     quantities: frozenset[Quantity] = frozenset()
@@ -119,6 +157,39 @@ class StepContext:
         initial_params: ``{name: θ_0}``.
         optimizer: The optimizer.
         individual_losses: ``[N]`` or None when not requested.
+
+    Example:
+        An instrument that keeps what it sees, and the per-sample projections onto the
+        descent direction (float64 for exact comparisons):
+
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments import Instrument
+        >>> from instruments.base import Plan
+        >>> class Peek(Instrument):
+        ...     name = "peek"
+        ...     def plan(self, step):  # projections need the model output's gradient
+        ...         return Plan(update=True, output_grad=True)
+        ...     def on_update(self, ctx, update):
+        ...         u = {k: -g for k, g in ctx.mean_grads.items()}  # descent direction
+        ...         self.seen = ctx, ctx.directional_derivatives(u)  # [N]: ⟨g_n, u⟩
+        ...         return []
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.CrossEntropyLoss()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 3).double(), torch.randint(0, 2, (8,))
+        >>> peek = Peek()
+        >>> with Cockpit(model, loss_fn, opt, [peek]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        ...     opt.step()
+        >>> ctx, proj = peek.seen
+        >>> ctx.step, ctx.batch_size, ctx.reduction, sorted(ctx.grads)
+        (0, 8, 'mean', ['bias', 'weight'])
+        >>> mean_sq = sum(float(g.pow(2).sum()) for g in ctx.mean_grads.values())
+        >>> proj.shape, abs(float(proj.mean()) + mean_sq) < 1e-12  # mean ⟨g_n, -ḡ⟩ = -‖ḡ‖²
+        (torch.Size([8]), True)
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -144,7 +215,36 @@ class StepContext:
 
 @dataclass
 class Update:
-    """The actual update of one optimizer step: ``{name: θ_{t+1} − θ_t}`` and its norm."""
+    """The actual update of one optimizer step: ``{name: θ_{t+1} − θ_t}`` and its norm.
+
+    Example:
+        Plain SGD steps ``−lr · ∇L``:
+
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments import Instrument
+        >>> class Keep(Instrument):
+        ...     name, needs_update = "keep", True
+        ...     def on_update(self, ctx, update):  # after optimizer.step()
+        ...         self.update, self.grads = update, ctx.grads
+        ...         return []
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2), torch.nn.MSELoss()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
+        >>> keep = Keep()
+        >>> with Cockpit(model, loss_fn, opt, [keep]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        ...     opt.step()
+        >>> delta = keep.update.delta  # {name: [*P]}
+        >>> torch.allclose(delta["weight"], -0.1 * keep.grads["weight"])
+        True
+        >>> norm = torch.cat([d.flatten() for d in delta.values()]).norm()
+        >>> abs(keep.update.norm - float(norm)) < 1e-6
+        True
+    """
 
     delta: dict[str, Tensor]
     norm: float
@@ -159,6 +259,43 @@ class Instrument:
 
     Args:
         schedule: ``step -> bool``; None uses the Cockpit's default schedule.
+
+    Example:
+        An instrument that needs the update: the step length per unit gradient, which is
+        the learning rate for plain SGD.
+
+        >>> import torch
+        >>> from cockpit import Cockpit, schedules
+        >>> from instruments import Instrument, PanelSpec
+        >>> from instruments.base import Scalar
+        >>> class StepPerGrad(Instrument):  # ‖θ_{t+1} − θ_t‖ / ‖∇L‖
+        ...     name = "step_per_grad"
+        ...     needs_update = True
+        ...     panel = PanelSpec("line", "step_size", "Step per gradient", y_log=True)
+        ...     def compute(self, ctx):  # after the backward pass
+        ...         self.grad_norm = sum(float(g.pow(2).sum()) for g in ctx.grads.values()) ** 0.5
+        ...         return []
+        ...     def on_update(self, ctx, update):  # after optimizer.step()
+        ...         value = update.norm / self.grad_norm
+        ...         return [Scalar(ctx.step, self.name, self.name, "all", value)]
+        >>> inst = StepPerGrad(schedules.every(2))
+        >>> inst.plan(1) is None, inst.plan(2).update
+        (True, True)
+        >>> inst.config()
+        {'name': 'step_per_grad', 'schedule': {'kind': 'every', 'k': 2, 'offset': 0}}
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2), torch.nn.CrossEntropyLoss()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> with Cockpit(model, loss_fn, opt, [inst]) as cockpit:
+        ...     for step in range(2):
+        ...         opt.zero_grad()
+        ...         loss = loss_fn(model(x), y)
+        ...         with cockpit.step(step, loss):
+        ...             loss.backward()
+        ...         opt.step()
+        >>> round(cockpit.latest()["step_per_grad"], 5)
+        0.1
     """
 
     name: ClassVar[str] = ""
@@ -173,7 +310,16 @@ class Instrument:
         self.schedule = schedule
 
     def plan(self, step: int) -> Plan | None:
-        """What this instrument needs on ``step``, or None when it is idle."""
+        """What this instrument needs on ``step``, or None when it is idle.
+
+        Args:
+            step: The step index.
+
+        Returns:
+            The :class:`Plan` (by default: ``requires``, the individual losses if
+            ``needs_individual_losses``, the update if ``needs_update``) on scheduled
+            steps, else None.
+        """
         if self.schedule is None or not self.schedule(step):
             return None
         return Plan(
@@ -183,11 +329,26 @@ class Instrument:
         )
 
     def compute(self, ctx: StepContext) -> list[Record]:
-        """Records for a tracked step (after the backward pass)."""
+        """Records for a tracked step (after the backward pass).
+
+        Args:
+            ctx: What the step gathered.
+
+        Returns:
+            :class:`Scalar` and :class:`Histogram` rows (the default: none).
+        """
         return []
 
     def on_update(self, ctx: StepContext, update: Update) -> list[Record]:
-        """Records that need the actual update (called after ``optimizer.step()``)."""
+        """Records that need the actual update (called after ``optimizer.step()``).
+
+        Args:
+            ctx: The context of the step that :meth:`compute` saw.
+            update: ``θ_{t+1} − θ_t`` and its norm.
+
+        Returns:
+            :class:`Scalar` and :class:`Histogram` rows (the default: none).
+        """
         return []
 
     def config(self) -> dict[str, Any]:
@@ -203,7 +364,47 @@ INSTRUMENTS: dict[str, type[Instrument]] = {}
 
 
 def register_instrument(cls: type[Instrument]) -> type[Instrument]:
-    """Class decorator adding an instrument to :data:`INSTRUMENTS` under ``cls.name``."""
+    """Class decorator adding an instrument to :data:`INSTRUMENTS` under ``cls.name``.
+
+    Registered instruments can be named in ``Cockpit(instruments=[...])`` and get
+    dashboard panels from their ``panel``.
+
+    Args:
+        cls: The :class:`Instrument` subclass (its ``name`` is the log name).
+
+    Returns:
+        ``cls``.
+
+    Raises:
+        ValueError: If ``cls`` has no name or another class has the name.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from cockpit.quantities import BatchL2
+        >>> from instruments import INSTRUMENTS, Instrument, register_instrument
+        >>> from instruments.base import Scalar
+        >>> @register_instrument
+        ... class MaxSampleNorm(Instrument):  # the largest individual-gradient norm
+        ...     name = "max_sample_norm"
+        ...     requires = frozenset({BatchL2()})
+        ...     cost = "first-order"
+        ...     def compute(self, ctx):
+        ...         l2 = ctx.gathered.total(BatchL2())  # [N]: ‖g_n‖² over all parameters
+        ...         return [Scalar(ctx.step, self.name, self.name, "all", float(l2.max().sqrt()))]
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2), torch.nn.CrossEntropyLoss()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> with Cockpit(model, loss_fn, opt, ["max_sample_norm", "grad_norm"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> latest["max_sample_norm"] >= latest["grad_norm"]  # ‖mean‖ ≤ max ‖g_n‖
+        True
+        >>> del INSTRUMENTS["max_sample_norm"]  # (keep the registry as it was)
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in INSTRUMENTS and INSTRUMENTS[cls.name] is not cls:
@@ -213,7 +414,24 @@ def register_instrument(cls: type[Instrument]) -> type[Instrument]:
 
 
 def norms(step: int, instrument: str, tensors: dict[str, Tensor]) -> list[Record]:
-    """Rows ``‖t‖`` per tensor and the model-wide norm (``param="all"``), in float64."""
+    """Rows ``‖t‖`` per tensor and the model-wide norm (``param="all"``), in float64.
+
+    Args:
+        step: The step of the rows.
+        instrument: The instrument (and metric) name.
+        tensors: ``{param name: tensor}`` of any shapes.
+
+    Returns:
+        The model-wide row first, then one row per tensor.
+
+    Example:
+        >>> import torch
+        >>> from instruments.base import norms
+        >>> delta = {"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}
+        >>> rows = norms(7, "update_size", delta)
+        >>> [(r.param, r.value) for r in rows]
+        [('all', 5.0), ('w', 3.0), ('b', 4.0)]
+    """
     squares = {k: float(t.double().pow(2).sum()) for k, t in tensors.items()}
     rows: list[Record] = [Scalar(step, instrument, instrument, "all", sum(squares.values()) ** 0.5)]
     rows += [Scalar(step, instrument, instrument, k, v**0.5) for k, v in squares.items()]
@@ -225,6 +443,49 @@ def second_moment_rows(ctx: StepContext, instrument: str, fn) -> list[Record]:
 
     ``fn`` takes one tensor or lists of tensors (one per parameter), as
     :func:`instruments.mean_gsnr.mean_gsnr` and :func:`instruments.early_stopping.early_stopping`.
+
+    Args:
+        ctx: A step context whose ``gathered`` holds :class:`~cockpit.quantities.SecondMoment`.
+        instrument: The instrument (and metric) name.
+        fn: ``fn(second_moment, mean_grad, N) -> float``.
+
+    Returns:
+        The model-wide row first, then one row per parameter tensor.
+
+    Example:
+        An instrument reporting the summed variance of the individual gradients:
+
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from cockpit.quantities import SecondMoment
+        >>> from instruments import Instrument
+        >>> from instruments.base import second_moment_rows
+        >>> def total_variance(m2, mean, n):  # tensors [*P], or lists of them (model-wide)
+        ...     m2, mean = (v if isinstance(v, list) else [v] for v in (m2, mean))
+        ...     return sum(float((s / n - g**2).sum()) for s, g in zip(m2, mean))
+        >>> class TotalVariance(Instrument):
+        ...     name, requires = "total_variance", frozenset({SecondMoment()})
+        ...     def compute(self, ctx):
+        ...         self.rows = second_moment_rows(ctx, self.name, total_variance)
+        ...         return self.rows
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 3).double(), torch.randn(8, 2).double()
+        >>> inst = TotalVariance()
+        >>> with Cockpit(model, loss_fn, opt, [inst]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> [r.param for r in inst.rows]
+        ['all', 'weight', 'bias']
+        >>> per_sample = [  # reference: one backward pass per sample
+        ...     torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), model.weight)[0]
+        ...     for i in range(8)
+        ... ]
+        >>> ref = float(torch.stack(per_sample).var(0, unbiased=False).sum())
+        >>> abs(inst.rows[1].value - ref) < 1e-12
+        True
     """
     from cockpit.quantities import SecondMoment
 
