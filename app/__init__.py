@@ -137,14 +137,14 @@ def create_app(
     """
     from dash import Dash
 
-    from app.callbacks import register_callbacks
+    from app.callbacks import needed_reads, register_callbacks
     from app.data import LogCache
     from app.layout import CSS, build_layout, panel_catalog
 
     if not (isinstance(refresh_s, (int, float)) and math.isfinite(refresh_s) and refresh_s > 0):
         raise ValueError(f"refresh_s must be a positive number of seconds, got {refresh_s!r}")
-    cache = LogCache(root, max_bytes=cache_bytes)
     panels = panel_catalog(instruments)
+    cache = LogCache(root, max_bytes=cache_bytes, keep=needed_reads(panels))
     app = Dash(
         __name__,
         title="cockpit-live",

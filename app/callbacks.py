@@ -64,6 +64,7 @@ __all__ = [
     "Result",
     "Updater",
     "View",
+    "needed_reads",
     "plain_figure",
     "register_callbacks",
     "render_status",
@@ -81,6 +82,29 @@ _HINT_SCALARS = (
     "alpha", "distance", "update_size", "norm_test", "inner_test", "ortho_test", "batch_size",
     "hyperparameters", "hess_max_ev", "loss", "early_stopping",
 )
+_HINT_HISTS = (("grad_hist_1d", None), ("grad_hist_2d", None))
+
+
+def needed_reads(panels: Sequence[Panel]) -> frozenset[tuple[str, str, str | None]]:
+    """Every ``(table, instrument, param)`` that the panels and the hints read.
+
+    The shared run cache holds only these rows (``keep`` of :class:`app.data.LogCache`): e.g.
+    the per-tensor distance and update sizes that no panel shows are never split into buckets.
+    Per-layer panels read every param (the layer picker chooses one).
+
+    Args:
+        panels: The panel catalog.
+
+    Returns:
+        The reads (``param=None``: every param of the instrument).
+
+    """
+    reads = {("scalars", inst, "all") for inst in _HINT_SCALARS}
+    reads |= {("histograms", inst, param) for inst, param in _HINT_HISTS}
+    for panel in panels:
+        spec = dataclasses.replace(panel.spec, param=None) if panel.layer else panel.spec
+        reads |= set(panel_reads(spec))
+    return frozenset(reads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,7 +768,7 @@ class Updater:
 
     def _compute_hints(self, view: View, log: RunLog, cursor: Cursor) -> list:
         scalars = log.tail("scalars", [(i, "all") for i in _HINT_SCALARS], _HINT_ROWS, cursor)
-        hists = log.tail("histograms", [("grad_hist_1d", None), ("grad_hist_2d", None)], 1, cursor)
+        hists = log.tail("histograms", _HINT_HISTS, 1, cursor)
         found = hints(scalars, window=self.hint_window, hists=hists)
         if not found:
             text = "Nothing unusual in the latest window." if len(scalars) else "No data yet."

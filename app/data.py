@@ -42,7 +42,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypedDict
@@ -81,6 +81,8 @@ _CATEGORICAL = ("instrument", "metric", "param")
 #: Upper bound on a bucket's chunks (a chunk arrives per refresh; merges keep them fewer).
 _MAX_CHUNKS = 64
 _SCALAR_ROW_BYTES = 40
+#: ``(table, instrument, param)``: rows a panel reads; ``param=None`` means every param.
+Read = tuple[str, str, "str | None"]
 
 
 class RunNotFound(LookupError):
@@ -388,39 +390,85 @@ def _from_pandas(df: pd.DataFrame, table: str) -> _Columns:
     return _Columns(arrays, codes)
 
 
-def _list_rows(column: pa.ChunkedArray) -> np.ndarray:
-    """One numpy array per row of a ``list<...>`` column (views of one writable buffer)."""
-    array = column.combine_chunks()
-    offsets = array.offsets.to_numpy()
-    values = array.values.to_numpy(zero_copy_only=False, writable=True)
-    out = np.empty(len(array), dtype=object)
-    for i in range(len(array)):
-        out[i] = values[offsets[i] : offsets[i + 1]]
+def _list_rows(column: pa.ChunkedArray, shapes: Sequence[tuple[int, ...]] | None = None):
+    """One numpy array per row of a ``list<...>`` column (reshaped to ``shapes`` if given).
+
+    The rows are read-only views of the Arrow buffers (the values are not copied); nothing in
+    the app writes into a histogram.
+    """
+    out = np.empty(len(column), dtype=object)
+    at = 0
+    for chunk in column.chunks:
+        if len(chunk) == 0:
+            continue
+        offsets = chunk.offsets.to_numpy().tolist()
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+            out[at] = values[a:b] if shapes is None else values[a:b].reshape(shapes[at])
+            at += 1
     return out
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and their names for a string column (dictionary-encoded or plain).
+
+    A dictionary-encoded column (as :func:`_bulk_read` reads them) has one dictionary per
+    chunk; each chunk's codes are remapped onto one shared list of names, so no Python string
+    is built per row.
+    """
+    if not pa.types.is_dictionary(column.type):
+        column = column.dictionary_encode()
+    names: dict[str, int] = {}
+    parts = []
+    for chunk in column.chunks:
+        local = chunk.dictionary.to_pylist()
+        remap = np.array([names.setdefault(str(v), len(names)) for v in local], dtype=np.int32)
+        indices = chunk.indices.to_numpy(zero_copy_only=False)
+        parts.append(remap[indices] if remap.size else indices.astype(np.int32))
+    codes = np.concatenate(parts) if parts else np.empty(0, np.int32)
+    return codes, list(names)
 
 
 def _from_arrow(data: pa.Table, table: str) -> _Columns:
     """Rows of a Parquet scan, converted without building Python strings."""
     arrays: dict[str, np.ndarray] = {}
     codes = {}
+    shapes = None
+    if table == "histograms":
+        shapes = np.empty(data.num_rows, dtype=object)
+        at = 0
+        for chunk in data.column("shape").chunks:
+            offsets = chunk.offsets.to_numpy().tolist()
+            dims = chunk.values.to_numpy(zero_copy_only=False).tolist()
+            for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+                shapes[at] = tuple(dims[a:b])
+                at += 1
     for name in _COLUMNS[table]:
         if name in _CATEGORICAL:
-            encoded = data.column(name).combine_chunks().dictionary_encode()
-            codes[name] = (
-                encoded.indices.to_numpy(zero_copy_only=False),
-                [str(v) for v in encoded.dictionary.to_pylist()],
-            )
-        elif name in ("shape", "counts", "edges_0", "edges_1"):
+            codes[name] = _codes(data.column(name))
+        elif name == "shape":
+            arrays[name] = shapes
+        elif name == "counts":
+            arrays[name] = _list_rows(data.column(name), shapes)
+        elif name in ("edges_0", "edges_1"):
             arrays[name] = _list_rows(data.column(name))
         else:
             arrays[name] = data.column(name).to_numpy()
-    if table == "histograms":
-        shapes = np.empty(len(arrays["shape"]), dtype=object)
-        for i, (shape, counts) in enumerate(zip(arrays["shape"], arrays["counts"], strict=True)):
-            shapes[i] = tuple(int(d) for d in shape)
-            arrays["counts"][i] = counts.reshape(shapes[i])
-        arrays["shape"] = shapes
     return _Columns(arrays, codes)
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_format(table: str) -> tuple[pa.Schema, ds.ParquetFileFormat]:
+    """Schema and format of a bulk scan: the string columns read dictionary-encoded."""
+    plain = SCHEMAS[table].remove_metadata()
+    names = [n for n in _CATEGORICAL if n in plain.names]
+    fields = [
+        pa.field(f.name, pa.dictionary(pa.int32(), pa.string()), f.nullable)
+        if f.name in names else f
+        for f in plain
+    ]
+    read_options = ds.ParquetReadOptions(dictionary_columns=names)
+    return pa.schema(fields), ds.ParquetFileFormat(read_options=read_options)
 
 
 def _bulk_read(run_dir: Path, table: str) -> tuple[_Columns, int] | None:
@@ -436,11 +484,10 @@ def _bulk_read(run_dir: Path, table: str) -> tuple[_Columns, int] | None:
     segments = schema.visible_segments(schema.list_segments(run_dir / table))
     if not segments or schema.find_gaps(segments):
         return None
+    scan_schema, scan_format = _scan_format(table)
     try:
         data = ds.dataset(
-            [str(seg.path) for seg in segments],
-            schema=SCHEMAS[table].remove_metadata(),
-            format="parquet",
+            [str(seg.path) for seg in segments], schema=scan_schema, format=scan_format
         ).to_table()
         schema.file_schema_version(pq.read_schema(segments[-1].path), segments[-1].path)
     except schema.SchemaVersionError:
@@ -450,10 +497,30 @@ def _bulk_read(run_dir: Path, table: str) -> tuple[_Columns, int] | None:
     return _from_arrow(data, table), segments[-1].hi
 
 
-def _split(cols: _Columns, table: str) -> dict[tuple[str, str], _Piece]:
+def _wanted(
+    keep: Collection[Read] | None, table: str, insts: Sequence[str], params: Sequence[str]
+) -> np.ndarray | None:
+    """Which ``(instrument, param)`` key codes to keep (indexed ``inst * len(params) + param``).
+
+    Returns:
+        A boolean lookup table, or ``None`` when every key is kept.
+    """
+    if keep is None:
+        return None
+    rules = {(inst, param) for t, inst, param in keep if t == table}
+    flags = np.array(
+        [(i, None) in rules or (i, p) in rules for i in insts for p in params], dtype=bool
+    )
+    return None if flags.all() else flags
+
+
+def _split(
+    cols: _Columns, table: str, keep: Collection[Read] | None = None
+) -> dict[tuple[str, str], _Piece]:
     """Split freshly read rows into ``(instrument, param)`` buckets, keeping their order.
 
     O(n): one stable radix sort on a small integer key, one gather per column, then slices.
+    Rows of buckets that ``keep`` does not name are dropped first (see :class:`LogCache`).
     """
     if cols.size == 0:
         return {}
@@ -462,7 +529,14 @@ def _split(cols: _Columns, table: str) -> dict[tuple[str, str], _Piece]:
     key = inst_codes.astype(np.int64) * len(params) + param_codes
     if len(insts) * len(params) < np.iinfo(np.int16).max:
         key = key.astype(np.int16)  # numpy sorts small ints stably with a radix sort
-    order = np.argsort(key, kind="stable")
+    wanted = _wanted(keep, table, insts, params)
+    if wanted is None:
+        order = np.argsort(key, kind="stable")
+    else:
+        rows = np.flatnonzero(wanted[key])
+        order = rows[np.argsort(key[rows], kind="stable")]
+    if order.size == 0:
+        return {}
     key = key[order]
     bounds = np.flatnonzero(key[1:] != key[:-1]) + 1
     starts = np.concatenate([[0], bounds])
@@ -478,10 +552,14 @@ def _split(cols: _Columns, table: str) -> dict[tuple[str, str], _Piece]:
         metric, names = None, ()
         if metric_codes is not None:
             sub = metric_codes[a:b]
-            used = np.unique(sub)
-            remap = np.zeros(len(metric_names), np.int32)
-            remap[used] = np.arange(used.size)
-            metric, names = remap[sub], tuple(metric_names[i] for i in used)
+            used = np.flatnonzero(np.bincount(sub, minlength=len(metric_names)))
+            if used.size == 1:
+                metric = np.zeros(b - a, np.int32)
+            else:
+                remap = np.zeros(len(metric_names), np.int32)
+                remap[used] = np.arange(used.size)
+                metric = remap[sub]
+            names = tuple(metric_names[i] for i in used)
         out[(insts[k // len(params)], params[k % len(params)])] = _Piece(
             arrays, metric, names, np.empty(0, np.int64)
         )
@@ -598,11 +676,14 @@ class RunLog:
     Args:
         run_id: The run id (a name under the root).
         path: The resolved run directory.
+        keep: Only rows of these ``(table, instrument, param)`` are held (``param=None``: every
+            param); ``None`` holds everything.
     """
 
-    def __init__(self, run_id: str, path: Path) -> None:
+    def __init__(self, run_id: str, path: Path, keep: Collection[Read] | None = None) -> None:
         self.run_id = run_id
         self.path = path
+        self.keep = None if keep is None else frozenset(keep)
         self._identity = _identity(path)
         self.meta = _read_meta(path)
         self.epoch = f"{self._identity[0]}:{self.meta.get('start_time', '')}"
@@ -683,7 +764,7 @@ class RunLog:
         if new.size:
             top = int(new.arrays["step"].max())
             self.max_step = top if self.max_step is None else max(self.max_step, top)
-        for (inst, param), piece in _split(new, table).items():
+        for (inst, param), piece in _split(new, table, self.keep).items():
             bucket = self._buckets[table].get((inst, param))
             if bucket is None:
                 bucket = self._buckets[table][(inst, param)] = _Bucket(inst, param)
@@ -828,10 +909,10 @@ class RunLog:
                         out.add((table, inst, param))
         return out
 
-    def params(self, table: str = "scalars") -> list[str]:
-        """Parameter names seen in the log (model order from ``meta.json`` when known)."""
+    def params(self) -> list[str]:
+        """Parameter names seen in the rows held (model order from ``meta.json`` when known)."""
         with self._lock:
-            seen = {p for ps in self._params[table].values() for p in ps}
+            seen = {p for t in READ_TABLES for ps in self._params[t].values() for p in ps}
         seen -= {"all"}
         seen = {p for p in seen if not (p.startswith("group") and p[5:].isdigit())}
         model = [m.get("name") for m in self.meta.get("model", []) if isinstance(m, dict)]
@@ -846,6 +927,10 @@ class LogCache:
         root: The log root (must exist).
         max_bytes: Approximate bound on the rows held; least recently used runs are dropped.
         min_refresh_s: Runs list their segments at most this often, however many clients ask.
+        keep: The rows worth holding: ``(table, instrument, param)`` triples as
+            :func:`app.layout.panel_reads` returns them (``param=None``: every param). Rows
+            of other buckets are dropped when read (the dashboard passes what its panels and
+            hints read); ``None`` holds every row.
 
     Raises:
         FileNotFoundError: If ``root`` does not exist.
@@ -853,9 +938,14 @@ class LogCache:
     """
 
     def __init__(
-        self, root: str | os.PathLike, max_bytes: int = 1 << 30, min_refresh_s: float = 0.25
+        self,
+        root: str | os.PathLike,
+        max_bytes: int = 1 << 30,
+        min_refresh_s: float = 0.25,
+        keep: Collection[Read] | None = None,
     ) -> None:
         self.root = check_root(root)
+        self.keep = None if keep is None else frozenset(keep)
         self.max_bytes = int(max_bytes)
         self.min_refresh_s = float(min_refresh_s)
         self._lock = threading.Lock()
@@ -902,7 +992,7 @@ class LogCache:
             with self._lock:
                 log = self._runs.get(run_id)
                 if log is None or log.path != path:
-                    log = self._runs[run_id] = RunLog(run_id, path)
+                    log = self._runs[run_id] = RunLog(run_id, path, self.keep)
                 self._runs.move_to_end(run_id)
             try:
                 cursor = log.refresh(self.min_refresh_s)

@@ -317,6 +317,80 @@ def test_params_and_tracked_come_from_the_metadata(root):
     assert log.tracked == {"loss", "grad_norm", "alpha", "grad_hist_1d"}
 
 
+def test_keep_holds_only_the_named_buckets_from_bulk_and_incremental_reads(root):
+    keep = {("scalars", "loss", "all"), ("scalars", "grad_norm", None),
+            ("histograms", "grad_hist_1d", PARAMS[1])}
+    cache = LogCache(root, min_refresh_s=0.0, keep=keep)
+    w = writer(root / "r")
+    try:
+        write_steps(w, range(0, 10))
+        w.flush()
+        log, c1 = cache.get("r")  # the bulk scan
+        write_steps(w, range(10, 20))
+        w.flush()
+        log, c2 = cache.get("r")  # segment by segment
+    finally:
+        w.close()
+    for upto in (c1, c2):
+        scalars = log.frame("scalars", None, upto)
+        insts, params = scalars["instrument"].astype(str), scalars["param"].astype(str)
+        pairs = set(zip(insts, params, strict=True))
+        assert pairs == {("loss", "all"), ("grad_norm", "all")} | {("grad_norm", p) for p in PARAMS}
+        hists = log.frame("histograms", None, upto)
+        assert set(hists["instrument"].astype(str)) == {"grad_hist_1d"}
+        assert set(hists["param"].astype(str)) == {PARAMS[1]}
+    assert steps_of(log.frame("scalars", None, c2)) == list(range(20))
+    assert steps_of(log.new_rows("scalars", c1, c2), "grad_norm", PARAMS[2]) == list(range(10, 20))
+    assert log.frame("scalars", [("alpha", "all")], c2).empty  # read, not held
+    assert log.max_step == 19
+    assert log.params() == list(PARAMS)
+    # Without keep, everything is held.
+    everything, c = LogCache(root).get("r")
+    assert {"alpha", "grad_norm", "loss"} <= set(everything.frame("scalars", None, c)["instrument"])
+
+
+def test_needed_reads_cover_every_panel_the_hints_and_any_layer():
+    from app.callbacks import needed_reads
+    from app.layout import panel_reads
+
+    panels = panel_catalog()
+    reads = needed_reads(panels)
+    for panel in panels:
+        if not panel.layer:
+            assert set(panel_reads(panel.spec)) <= reads, panel.name
+    assert ("scalars", "grad_norm", None) in reads  # the per-layer gradient norm, any layer
+    assert ("histograms", "grad_hist_2d", None) in reads  # the layer grid and the hints
+    assert ("scalars", "alpha", "all") in reads
+    assert ("scalars", "distance", None) not in reads  # per-tensor distances: no panel
+
+
+def test_string_columns_become_codes_across_chunks_with_different_dictionaries():
+    import pyarrow as pa
+
+    from app.data import _codes
+
+    plain = pa.chunked_array([["b", "a", "b"], [], ["c", "a"]])
+    encoded = pa.chunked_array([c.dictionary_encode() for c in plain.chunks])
+    for column in (plain, encoded):
+        codes, names = _codes(column)
+        assert [names[c] for c in codes] == ["b", "a", "b", "c", "a"]
+        assert codes.dtype == np.int32 and len(set(names)) == len(names)
+
+
+def test_list_rows_are_views_per_row_with_shapes_and_sliced_chunks():
+    import pyarrow as pa
+
+    from app.data import _list_rows
+
+    values = [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [], [7.0, 8.0]]
+    column = pa.chunked_array([pa.array(values).slice(1), pa.array(values[:1])])
+    rows = _list_rows(column)
+    assert [r.tolist() for r in rows] == [[], [7.0, 8.0], values[0]]
+    shaped = _list_rows(pa.chunked_array([pa.array(values[:1] + values[2:])]), [(2, 3), (2,)])
+    assert shaped[0].shape == (2, 3) and shaped[0][1].tolist() == [4.0, 5.0, 6.0]
+    assert shaped[1].tolist() == [7.0, 8.0]
+
+
 # --------------------------------------------------------------------------------------------
 # The update logic through the real callback endpoint
 # --------------------------------------------------------------------------------------------
