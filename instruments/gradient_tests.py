@@ -88,6 +88,17 @@ def norm_test(sum_l2: float | Tensor, grad_norm_sq: float | Tensor, n: int) -> f
     Returns:
         θ as a float; NaN for ``N = 1`` or ``‖g‖ = 0``.
 
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> g = torch.randn(16, 5, dtype=torch.float64) + 1.0  # [N, D]: individual gradients
+        >>> mean = g.mean(0)  # [D]
+        >>> from instruments.gradient_tests import norm_test
+        >>> theta = norm_test((g**2).sum(), mean.pow(2).sum(), 16)
+        >>> ref = (g.var(0).sum() / 16).sqrt() / mean.norm()  # standard error over ‖ḡ‖
+        >>> abs(theta - float(ref)) < 1e-12
+        True
+
     """
     n = check_batch_size(n)
     sum_l2 = as_scalar(sum_l2, "sum_l2")
@@ -114,6 +125,18 @@ def inner_test(sum_dot_sq: float | Tensor, grad_norm_sq: float | Tensor, n: int)
 
     Returns:
         θ as a float; NaN for ``N = 1`` or ``‖g‖ = 0``.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> g = torch.randn(16, 5, dtype=torch.float64) + 1.0  # [N, D]: individual gradients
+        >>> mean = g.mean(0)  # [D]
+        >>> from instruments.gradient_tests import inner_test
+        >>> dots = g @ mean  # [N]: g_nᵀ ḡ
+        >>> theta = inner_test((dots**2).sum(), mean.pow(2).sum(), 16)
+        >>> ref = (dots.var() / 16).sqrt() / mean.pow(2).sum()
+        >>> abs(theta - float(ref)) < 1e-12
+        True
 
     """
     n = check_batch_size(n)
@@ -147,6 +170,19 @@ def ortho_test(
     Returns:
         ν as a float; NaN for ``N = 1`` or ``‖g‖ = 0``.
 
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> g = torch.randn(16, 5, dtype=torch.float64) + 1.0  # [N, D]: individual gradients
+        >>> mean = g.mean(0)  # [D]
+        >>> from instruments.gradient_tests import ortho_test
+        >>> dots = g @ mean  # [N]
+        >>> nu = ortho_test((g**2).sum(), (dots**2).sum(), mean.pow(2).sum(), 16)
+        >>> ortho = g - dots[:, None] * mean / mean.pow(2).sum()  # components ⊥ ḡ, [N, D]
+        >>> ref = (ortho.pow(2).sum() / (16 * 15)).sqrt() / mean.norm()
+        >>> abs(nu - float(ref)) < 1e-12
+        True
+
     """
     n = check_batch_size(n)
     sum_l2 = as_scalar(sum_l2, "sum_l2")
@@ -175,6 +211,13 @@ def suggested_batch_size(test_value: float, n: int, target: float) -> float:
 
     Raises:
         ValueError: If ``target`` is not positive.
+
+    Example:
+        A norm test of 1.8 on a batch of 32: four times the batch halves it to 0.9.
+
+        >>> from instruments.gradient_tests import NORM_TEST_THRESHOLD, suggested_batch_size
+        >>> suggested_batch_size(1.8, 32, NORM_TEST_THRESHOLD)
+        128.0
 
     """
     n = check_batch_size(n)
@@ -225,7 +268,26 @@ class _GradientTest(Instrument):
 
 @register_instrument
 class NormTest(_GradientTest):
-    """Norm test (Byrd et al. 2012), model-wide and per tensor; see :func:`norm_test`."""
+    """Norm test (Byrd et al. 2012), model-wide and per tensor; see :func:`norm_test`.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments.gradient_tests import norm_test
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["norm_test"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> g = 2 * (model(x) - y).detach() * torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: g_n
+        >>> ref = norm_test((g**2).sum(), g.mean(0).pow(2).sum(), 32)
+        >>> abs(latest["norm_test"] - ref) < 1e-9
+        True
+    """
 
     name = "norm_test"
     panel = PanelSpec(
@@ -242,7 +304,27 @@ class NormTest(_GradientTest):
 
 @register_instrument
 class InnerTest(_GradientTest):
-    """Inner-product test (Bollapragada et al. 2018); see :func:`inner_test`."""
+    """Inner-product test (Bollapragada et al. 2018); see :func:`inner_test`.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments.gradient_tests import inner_test
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["inner_test"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> g = 2 * (model(x) - y).detach() * torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: g_n
+        >>> mean = g.mean(0)
+        >>> ref = inner_test(((g @ mean) ** 2).sum(), mean.pow(2).sum(), 32)
+        >>> abs(latest["inner_test"] - ref) < 1e-9
+        True
+    """
 
     name = "inner_test"
     panel = PanelSpec("line", "gradients", "Inner-product test", y_log=True)
@@ -253,7 +335,27 @@ class InnerTest(_GradientTest):
 
 @register_instrument
 class OrthoTest(_GradientTest):
-    """Orthogonality test (Bollapragada et al. 2018); see :func:`ortho_test`."""
+    """Orthogonality test (Bollapragada et al. 2018); see :func:`ortho_test`.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments.gradient_tests import ortho_test
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["ortho_test"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> g = 2 * (model(x) - y).detach() * torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: g_n
+        >>> mean = g.mean(0)
+        >>> ref = ortho_test((g**2).sum(), ((g @ mean) ** 2).sum(), mean.pow(2).sum(), 32)
+        >>> abs(latest["ortho_test"] - ref) < 1e-9
+        True
+    """
 
     name = "ortho_test"
     panel = PanelSpec("line", "gradients", "Orthogonality test", y_log=True)
@@ -268,6 +370,24 @@ class BatchSize(Instrument):
 
     ``N* = N (θ/θ*)²`` with θ* = 0.9 (norm, inner) and tan 80° (ortho); metrics
     ``norm_test``, ``inner_test``, ``ortho_test`` (model-wide).
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["norm_test", "batch_size"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> sorted(k for k in latest if k.startswith("batch_size."))
+        ['batch_size.inner_test', 'batch_size.norm_test', 'batch_size.ortho_test']
+        >>> ref = 32 * (latest["norm_test"] / 0.9) ** 2  # N (θ / θ*)²
+        >>> abs(latest["batch_size.norm_test"] - ref) < 1e-9
+        True
     """
 
     name = "batch_size"
