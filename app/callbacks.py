@@ -79,8 +79,17 @@ _HINT_ROWS = 2000
 _LATEST_ONLY = frozenset({"gradient_tests", "hist1d", "hist2d", "layer_grid"})
 _LATEST_ROWS = 8
 _HINT_SCALARS = (
-    "alpha", "distance", "update_size", "norm_test", "inner_test", "ortho_test", "batch_size",
-    "hyperparameters", "hess_max_ev", "loss", "early_stopping",
+    "alpha",
+    "distance",
+    "update_size",
+    "norm_test",
+    "inner_test",
+    "ortho_test",
+    "batch_size",
+    "hyperparameters",
+    "hess_max_ev",
+    "loss",
+    "early_stopping",
 )
 _HINT_HISTS = (("grad_hist_1d", None), ("grad_hist_2d", None))
 
@@ -167,8 +176,12 @@ class View:
     def key(self) -> dict[str, Any]:
         """JSON form, stored with the figures it produced."""
         return {
-            "runs": list(self.runs), "focus": self.focus, "smoothing": self.smoothing,
-            "x": self.x, "layer": self.layer, "logs": dict(sorted(self.logs.items())),
+            "runs": list(self.runs),
+            "focus": self.focus,
+            "smoothing": self.smoothing,
+            "x": self.x,
+            "layer": self.layer,
+            "logs": dict(sorted(self.logs.items())),
         }
 
 
@@ -225,8 +238,13 @@ def plain_figure(fig: go.Figure, kind: str = "") -> dict[str, Any]:
     if isinstance(legend, dict):
         if kind == "alpha":
             layout["legend"] = {
-                **legend, "orientation": "h", "x": 0.0, "xanchor": "left", "y": -0.3,
-                "yanchor": "top", "font": {"size": 10},
+                **legend,
+                "orientation": "h",
+                "x": 0.0,
+                "xanchor": "left",
+                "y": -0.3,
+                "yanchor": "top",
+                "font": {"size": 10},
             }
             layout["margin"] = {**layout.get("margin", {}), "b": 90}
         elif kind == "gradient_tests":
@@ -348,7 +366,8 @@ def _state_of(fig: go.Figure | dict) -> dict[str, Any]:
     layout = fig["layout"] if isinstance(fig, dict) else fig.layout.to_plotly_json()
     meta = layout.get("meta")
     axes = [
-        k for k, v in layout.items()
+        k
+        for k, v in layout.items()
         if k.startswith("yaxis") and isinstance(v, dict) and not v.get("overlaying")
     ]
     builder = meta.get("builder") if isinstance(meta, dict) else None
@@ -477,7 +496,8 @@ class Updater:
         if changed and changed <= {"focus", "layer"}:
             # Only the panels that depend on the focus run or the layer are rebuilt.
             names = [
-                p.name for p in self.panels
+                p.name
+                for p in self.panels
                 if ("layer" in changed and p.layer)
                 or ("focus" in changed and (p.layer or p.spec.kind in SINGLE_RUN_KINDS))
             ]
@@ -537,7 +557,8 @@ class Updater:
                 for run in runs:
                     log, cursor = data[run]
                     frames[table][run] = (
-                        log.tail(table, keys, _LATEST_ROWS, cursor) if latest_only
+                        log.tail(table, keys, _LATEST_ROWS, cursor)
+                        if latest_only
                         else log.frame(table, keys, cursor)
                     )
         frames["scalars"] = {r: _only(panel, f) for r, f in frames["scalars"].items()}
@@ -568,8 +589,9 @@ class Updater:
         key = (
             panel.name,
             json.dumps(view.key(), sort_keys=True),
-            tuple(sorted((r, c["epoch"], c["scalars"], c["histograms"]) for r, (_, c) in
-                         data.items())),
+            tuple(
+                sorted((r, c["epoch"], c["scalars"], c["histograms"]) for r, (_, c) in data.items())
+            ),
         )
         hit = self._shared.get(key)
         if hit is None:
@@ -691,7 +713,8 @@ class Updater:
 
         panels_state = dict(state["panels"])
         due = {  # snapshot panels whose rebuild was put off and may happen now
-            name for name, p in panels_state.items()
+            name
+            for name, p in panels_state.items()
             if p and p.get("dirty") and now - p.get("built", 0.0) >= self.snapshot_s
         }
         hints_due = state.get("hints_dirty") and now - state.get("hints_at", 0.0) >= self.hints_s
@@ -720,7 +743,9 @@ class Updater:
             elif builder == "hist_time":
                 run = runs[0]
                 new = data[run][0].new_rows(
-                    "histograms", Cursor(**cursors[run]), data[run][1],
+                    "histograms",
+                    Cursor(**cursors[run]),
+                    data[run][1],
                     [(spec.instrument, spec.param)],
                 )
                 steps, counts, _ = hist_history(new, spec.instrument, spec.param)
@@ -787,8 +812,12 @@ class Updater:
         """JSON description of the status line (compared between ticks, rendered on change)."""
         colors = run_colors(view.runs)
         return [
-            {"run": run, "color": colors[run], "status": data[run][0].status(),
-             "step": data[run][0].max_step}
+            {
+                "run": run,
+                "color": colors[run],
+                "status": data[run][0].status(),
+                "step": data[run][0].max_step,
+            }
             for run in view.runs
             if run in data
         ]
@@ -858,9 +887,7 @@ function(value) { return !(value && value.indexOf("live") >= 0); }
 
 
 def _run_options(cache: LogCache) -> list[dict[str, str]]:
-    return [
-        {"label": f"{r.run_id} · {r.status}", "value": r.run_id} for r in cache.list_runs()
-    ]
+    return [{"label": f"{r.run_id} · {r.status}", "value": r.run_id} for r in cache.list_runs()]
 
 
 def register_callbacks(
@@ -908,7 +935,8 @@ def register_callbacks(
         notice = None
         if refused:
             notice = html.Div(
-                "Refused: " + ", ".join(repr(r) for r in refused)
+                "Refused: "
+                + ", ".join(repr(r) for r in refused)
                 + f" (not a run directly under {cache.root})."
             )
         return chosen, notice
@@ -1021,4 +1049,3 @@ def register_callbacks(
         return dcc.send_string(figure_csv({"data": shown["data"]}), f"{safe}-{stamp}.csv")
 
     return updater
-

@@ -74,7 +74,14 @@ __all__ = [
 READ_TABLES = ("scalars", "histograms")
 _SCALAR_COLUMNS = ("step", "wall_time", "instrument", "metric", "param", "value")
 _HIST_COLUMNS = (
-    "step", "wall_time", "instrument", "param", "shape", "counts", "edges_0", "edges_1",
+    "step",
+    "wall_time",
+    "instrument",
+    "param",
+    "shape",
+    "counts",
+    "edges_0",
+    "edges_1",
 )
 _COLUMNS = {"scalars": _SCALAR_COLUMNS, "histograms": _HIST_COLUMNS}
 _CATEGORICAL = ("instrument", "metric", "param")
@@ -464,7 +471,8 @@ def _scan_format(table: str) -> tuple[pa.Schema, ds.ParquetFileFormat]:
     names = [n for n in _CATEGORICAL if n in plain.names]
     fields = [
         pa.field(f.name, pa.dictionary(pa.int32(), pa.string()), f.nullable)
-        if f.name in names else f
+        if f.name in names
+        else f
         for f in plain
     ]
     read_options = ds.ParquetReadOptions(dictionary_columns=names)
@@ -827,9 +835,7 @@ class RunLog:
             ]
         return _to_frame(parts, table)
 
-    def tail(
-        self, table: str, keys: Iterable[Key] | None, n: int, upto: Cursor
-    ) -> pd.DataFrame:
+    def tail(self, table: str, keys: Iterable[Key] | None, n: int, upto: Cursor) -> pd.DataFrame:
         """The last ``n`` rows of each selected bucket up to ``upto`` (no merging: cheap).
 
         Args:

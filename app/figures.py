@@ -838,7 +838,13 @@ def extend_lines(
 def _note(text: str, name: str, x: float, y: float, xanchor: str = "center") -> dict[str, Any]:
     """A text annotation in paper coordinates."""
     return dict(
-        text=text, name=name, xref="paper", yref="paper", x=x, y=y, xanchor=xanchor,
+        text=text,
+        name=name,
+        xref="paper",
+        yref="paper",
+        x=x,
+        y=y,
+        xanchor=xanchor,
         showarrow=False,
     )
 
@@ -883,8 +889,13 @@ def alpha_gauge(
     px = np.linspace(lo, hi, 121)
     traces: list[dict[str, Any]] = [
         dict(
-            type="scatter", x=px, y=px**2, mode="lines", name="local parabola",
-            line=dict(color="#555555", width=2), hoverinfo="skip",
+            type="scatter",
+            x=px,
+            y=px**2,
+            mode="lines",
+            name="local parabola",
+            line=dict(color="#555555", width=2),
+            hoverinfo="skip",
         )
     ]
     shapes = [_rule("#BBBBBB", xref="x", yref="paper", x0=v, x1=v, y0=0, y1=1) for v in (-1, 0, 1)]
@@ -894,7 +905,10 @@ def alpha_gauge(
         xaxis=dict(range=[lo, hi], title=dict(text="local step length α"), zeroline=False),
         yaxis=dict(range=[0, 1.75], title=dict(text="standardized loss")),
         yaxis2=dict(
-            overlaying="y", side="right", title=dict(text="α density"), showgrid=False,
+            overlaying="y",
+            side="right",
+            title=dict(text="α density"),
+            showgrid=False,
             rangemode="tozero",
         ),
         barmode="overlay",
@@ -916,8 +930,13 @@ def alpha_gauge(
         counts, _ = np.histogram(vals, bins=edges)
         traces.append(
             dict(
-                type="bar", x=bin_centers(edges), y=counts / (vals.size * width), width=width,
-                yaxis="y2", marker=dict(color=color, line=dict(width=0)), opacity=opacity,
+                type="bar",
+                x=bin_centers(edges),
+                y=counts / (vals.size * width),
+                width=width,
+                yaxis="y2",
+                marker=dict(color=color, line=dict(width=0)),
+                opacity=opacity,
                 name=f"{label} (μ={mean:.2f})",
                 hovertemplate="α≈%{x:.2f}: %{y:.3g}<extra></extra>",
             )
@@ -925,7 +944,11 @@ def alpha_gauge(
     mx = np.clip([mean_all, mean_recent], lo, hi)
     traces.append(
         dict(
-            type="scatter", x=mx, y=mx**2, mode="markers", name="mean α",
+            type="scatter",
+            x=mx,
+            y=mx**2,
+            mode="markers",
+            name="mean α",
             marker=dict(color=["#999999", PALETTE[0]], size=12, line=dict(color="white", width=1)),
             text=["mean (all)", f"mean (last {pct})"],
             hovertemplate="%{text}: α=%{x:.2f}<extra></extra>",
@@ -1003,8 +1026,15 @@ def gradient_tests_figure(
         color = _TEST_COLORS[key]
         traces.append(
             dict(
-                type="scatter", x=xs, y=ys, fill="toself", mode="lines", name=label(key, text),
-                line=dict(color=color, width=1.5), fillcolor=color, opacity=0.45,
+                type="scatter",
+                x=xs,
+                y=ys,
+                fill="toself",
+                mode="lines",
+                name=label(key, text),
+                line=dict(color=color, width=1.5),
+                fillcolor=color,
+                opacity=0.45,
                 hoverinfo="name",
             )
         )
@@ -1012,8 +1042,13 @@ def gradient_tests_figure(
     def reference(key: str, text: str, xs: ArrayLike, ys: ArrayLike) -> None:
         traces.append(
             dict(
-                type="scatter", x=xs, y=ys, mode="lines", name=f"{text} threshold",
-                line=dict(color=_TEST_COLORS[key], dash="dash", width=1.5), hoverinfo="name",
+                type="scatter",
+                x=xs,
+                y=ys,
+                mode="lines",
+                name=f"{text} threshold",
+                line=dict(color=_TEST_COLORS[key], dash="dash", width=1.5),
+                hoverinfo="name",
             )
         )
 
@@ -1037,7 +1072,12 @@ def gradient_tests_figure(
         reference("ortho_test", "ortho", [-t, -t, None, t, t], [-r, r, None, -r, r])
     traces.append(
         dict(
-            type="scatter", x=[0.0], y=[0.0], mode="markers", name="gradient", showlegend=False,
+            type="scatter",
+            x=[0.0],
+            y=[0.0],
+            mode="markers",
+            name="gradient",
+            showlegend=False,
             marker=dict(symbol="cross-thin", size=16, line=dict(width=3, color="black")),
             hoverinfo="name",
         )
@@ -1046,8 +1086,11 @@ def gradient_tests_figure(
     layout.update(
         xaxis=dict(range=[-r, r], title=dict(text="⊥ gradient (ortho)"), zeroline=False),
         yaxis=dict(
-            range=[-r, r], title=dict(text="∥ gradient (inner)"), zeroline=False,
-            scaleanchor="x", scaleratio=1.0,
+            range=[-r, r],
+            title=dict(text="∥ gradient (inner)"),
+            zeroline=False,
+            scaleanchor="x",
+            scaleratio=1.0,
         ),
         legend=dict(orientation="v", x=1.02, xanchor="left", y=1.0, yanchor="top"),
     )
@@ -1090,7 +1133,11 @@ def hist_1d_figure(
     is_edge[[0, -1]] = True
     traces = [
         dict(
-            type="bar", x=centers[mask], y=c[mask], width=widths[mask], name=name,
+            type="bar",
+            x=centers[mask],
+            y=c[mask],
+            width=widths[mask],
+            name=name,
             marker=dict(color=color, line=dict(width=0)),
             hovertemplate="g≈%{x:.3g}: %{y:.4g}<extra></extra>",
         )
@@ -1154,19 +1201,34 @@ def hist_2d_figure(
     bars = dict(color=PALETTE[0], line=dict(width=0))
     traces = [
         dict(
-            type="heatmap", x=e1, y=e0, z=_color_z(c, log_color), customdata=c, name="joint",
+            type="heatmap",
+            x=e1,
+            y=e0,
+            z=_color_z(c, log_color),
+            customdata=c,
+            name="joint",
             colorscale="Viridis",
-            colorbar=dict(title=dict(text="log₁₀ count" if log_color else "count"), len=0.8,
-                          y=0.4),
+            colorbar=dict(title=dict(text="log₁₀ count" if log_color else "count"), len=0.8, y=0.4),
             hovertemplate="θ≈%{x:.3g}, g≈%{y:.3g}: %{customdata:.4g}<extra></extra>",
         ),
         dict(
-            type="bar", x=bin_centers(e1), y=c.sum(axis=0), width=np.diff(e1), yaxis="y2",
-            name="parameter marginal", marker=bars,
+            type="bar",
+            x=bin_centers(e1),
+            y=c.sum(axis=0),
+            width=np.diff(e1),
+            yaxis="y2",
+            name="parameter marginal",
+            marker=bars,
         ),
         dict(
-            type="bar", y=bin_centers(e0), x=c.sum(axis=1), width=np.diff(e0), xaxis="x2",
-            orientation="h", name="gradient marginal", marker=bars,
+            type="bar",
+            y=bin_centers(e0),
+            x=c.sum(axis=1),
+            width=np.diff(e0),
+            xaxis="x2",
+            orientation="h",
+            name="gradient marginal",
+            marker=bars,
         ),
     ]
     layout = _base_layout(title, uirevision=f"hist2d|{'log' if log_color else 'linear'}")
@@ -1249,8 +1311,12 @@ def hist_over_time_figure(
     steps, rows = steps[keep], rows[keep]
     unit = "fraction" if normalize else "count"
     trace = dict(
-        type="heatmap", x=np.asarray(edges, dtype=np.float64).reshape(-1), y=steps,
-        z=_time_z(rows, normalize, log_color), colorscale="Viridis", name="histogram",
+        type="heatmap",
+        x=np.asarray(edges, dtype=np.float64).reshape(-1),
+        y=steps,
+        z=_time_z(rows, normalize, log_color),
+        colorscale="Viridis",
+        name="histogram",
         colorbar=dict(title=dict(text=f"log₁₀ {unit}" if log_color else unit)),
         hovertemplate="step %{y}, g≈%{x:.3g}: %{z:.3g}<extra></extra>",
     )
@@ -1351,12 +1417,21 @@ def layer_grid_figure(
         )
         layout[ya.replace("y", "yaxis", 1)] = dict(
             # clamp: rounding can put the last row's edge at -1e-17, which plotly rejects
-            domain=[max(0.0, top - height), min(1.0, top)], anchor=xa, showticklabels=False
+            domain=[max(0.0, top - height), min(1.0, top)],
+            anchor=xa,
+            showticklabels=False,
         )
         traces.append(
             dict(
-                type="heatmap", x=e1, y=e0, z=_color_z(c / c.sum(), log_color), customdata=c,
-                coloraxis="coloraxis", name=name, xaxis=xa, yaxis=ya,
+                type="heatmap",
+                x=e1,
+                y=e0,
+                z=_color_z(c / c.sum(), log_color),
+                customdata=c,
+                coloraxis="coloraxis",
+                name=name,
+                xaxis=xa,
+                yaxis=ya,
                 hovertemplate=f"{name}<br>θ≈%{{x:.3g}}, g≈%{{y:.3g}}: %{{customdata:.4g}}"
                 "<extra></extra>",
             )
@@ -1457,8 +1532,14 @@ def _title(spec: PanelSpec, run: str | None, n_runs: int) -> str:
 
 
 def _line_options(spec: PanelSpec, opts: PanelOptions, smoothing: bool = True) -> dict[str, Any]:
-    out = dict(log_y=_log(spec, opts), x=opts.x, max_points=opts.max_points, title=spec.title,
-               colors=opts.colors, tracked=opts.tracked)
+    out = dict(
+        log_y=_log(spec, opts),
+        x=opts.x,
+        max_points=opts.max_points,
+        title=spec.title,
+        colors=opts.colors,
+        tracked=opts.tracked,
+    )
     if smoothing:
         out["smoothing"] = opts.smoothing
     return out
@@ -1491,9 +1572,12 @@ def _model_hist(df: pd.DataFrame | None, instrument: str) -> HistRecord | None:
         return None
     last = max(layers, key=lambda r: r.step)
     same = [
-        r for r in layers
-        if r.step == last.step and r.counts.shape == last.counts.shape
-        and np.array_equal(r.edges_0, last.edges_0) and np.array_equal(r.edges_1, last.edges_1)
+        r
+        for r in layers
+        if r.step == last.step
+        and r.counts.shape == last.counts.shape
+        and np.array_equal(r.edges_0, last.edges_0)
+        and np.array_equal(r.edges_1, last.edges_1)
     ]
     return last._replace(counts=np.sum([r.counts for r in same], axis=0))
 
@@ -1609,51 +1693,201 @@ def build_panel(
 # name, kind, title, group, y_log, instrument (default: name), metric (default: instrument),
 # description
 _DEFAULTS: tuple[tuple[str, str, str, str, bool, str | None, str | None, str], ...] = (
-    ("performance", "performance", "Loss and metrics", "performance", False, "loss", None,
-     "Training loss (left) and user metrics (right)."),
-    ("alpha", "alpha", "Alpha", "step", False, None, None,
-     "Where on the local parabola steps land: −1 too small, +1 too large."),
-    ("distance", "line", "Distance from init", "step", False, None, None,
-     "‖θ_t − θ_0‖; flat while updates are non-zero means diffusion."),
+    (
+        "performance",
+        "performance",
+        "Loss and metrics",
+        "performance",
+        False,
+        "loss",
+        None,
+        "Training loss (left) and user metrics (right).",
+    ),
+    (
+        "alpha",
+        "alpha",
+        "Alpha",
+        "step",
+        False,
+        None,
+        None,
+        "Where on the local parabola steps land: −1 too small, +1 too large.",
+    ),
+    (
+        "distance",
+        "line",
+        "Distance from init",
+        "step",
+        False,
+        None,
+        None,
+        "‖θ_t − θ_0‖; flat while updates are non-zero means diffusion.",
+    ),
     ("update_size", "line", "Update size", "step", True, None, None, "‖θ_{t+1} − θ_t‖."),
-    ("grad_norm", "line", "Gradient norm", "gradients", True, None, None,
-     "Norm of the mini-batch gradient."),
-    ("gradient_tests", "gradient_tests", "Gradient tests", "gradients", False, "norm_test", None,
-     "Norm disc and inner/ortho bands; beyond the dashed references: noisy gradients."),
-    ("tests_history", "tests_history", "Gradient tests over time", "gradients", True,
-     "norm_test", None, "The three tests against their thresholds."),
-    ("batch_size", "batch_size", "Suggested batch size", "gradients", True, None, None,
-     "Batch size at which each test meets its threshold; dotted: the actual batch size."),
-    ("mean_gsnr", "line", "Mean GSNR", "gradients", True, None, None,
-     "Mean gradient signal-to-noise ratio."),
-    ("early_stopping", "line", "Early-stopping criterion", "gradients", False, None, None,
-     "Evidence-based criterion; stop signal when > 0."),
-    ("cabs", "line", "CABS batch size", "gradients", True, None, None,
-     "Coupled adaptive batch size suggestion."),
-    ("grad_hist_1d", "hist1d", "Gradient histogram", "gradients", True, None, None,
-     "Individual gradient entries; much mass in the red edge bins: too large."),
-    ("grad_hist_time", "hist_time", "Gradient histogram over time", "gradients", True,
-     "grad_hist_1d", None, "Each row one step, as fractions of its mass."),
-    ("grad_hist_2d", "hist2d", "Gradient × parameter histogram", "gradients", True, None, None,
-     "Joint histogram of parameter values and individual gradients."),
-    ("layer_grid", "layer_grid", "Layer-wise histograms", "gradients", True, "grad_hist_2d",
-     None, "A single bright row at 0: vanishing gradients in that layer."),
-    ("hess_max_ev", "line", "Hessian max eigenvalue", "curvature", True, None, None,
-     "Largest Hessian eigenvalue; often moves before the loss does."),
+    (
+        "grad_norm",
+        "line",
+        "Gradient norm",
+        "gradients",
+        True,
+        None,
+        None,
+        "Norm of the mini-batch gradient.",
+    ),
+    (
+        "gradient_tests",
+        "gradient_tests",
+        "Gradient tests",
+        "gradients",
+        False,
+        "norm_test",
+        None,
+        "Norm disc and inner/ortho bands; beyond the dashed references: noisy gradients.",
+    ),
+    (
+        "tests_history",
+        "tests_history",
+        "Gradient tests over time",
+        "gradients",
+        True,
+        "norm_test",
+        None,
+        "The three tests against their thresholds.",
+    ),
+    (
+        "batch_size",
+        "batch_size",
+        "Suggested batch size",
+        "gradients",
+        True,
+        None,
+        None,
+        "Batch size at which each test meets its threshold; dotted: the actual batch size.",
+    ),
+    (
+        "mean_gsnr",
+        "line",
+        "Mean GSNR",
+        "gradients",
+        True,
+        None,
+        None,
+        "Mean gradient signal-to-noise ratio.",
+    ),
+    (
+        "early_stopping",
+        "line",
+        "Early-stopping criterion",
+        "gradients",
+        False,
+        None,
+        None,
+        "Evidence-based criterion; stop signal when > 0.",
+    ),
+    (
+        "cabs",
+        "line",
+        "CABS batch size",
+        "gradients",
+        True,
+        None,
+        None,
+        "Coupled adaptive batch size suggestion.",
+    ),
+    (
+        "grad_hist_1d",
+        "hist1d",
+        "Gradient histogram",
+        "gradients",
+        True,
+        None,
+        None,
+        "Individual gradient entries; much mass in the red edge bins: too large.",
+    ),
+    (
+        "grad_hist_time",
+        "hist_time",
+        "Gradient histogram over time",
+        "gradients",
+        True,
+        "grad_hist_1d",
+        None,
+        "Each row one step, as fractions of its mass.",
+    ),
+    (
+        "grad_hist_2d",
+        "hist2d",
+        "Gradient × parameter histogram",
+        "gradients",
+        True,
+        None,
+        None,
+        "Joint histogram of parameter values and individual gradients.",
+    ),
+    (
+        "layer_grid",
+        "layer_grid",
+        "Layer-wise histograms",
+        "gradients",
+        True,
+        "grad_hist_2d",
+        None,
+        "A single bright row at 0: vanishing gradients in that layer.",
+    ),
+    (
+        "hess_max_ev",
+        "line",
+        "Hessian max eigenvalue",
+        "curvature",
+        True,
+        None,
+        None,
+        "Largest Hessian eigenvalue; often moves before the loss does.",
+    ),
     ("hess_trace", "line", "Hessian trace", "curvature", True, None, None, ""),
-    ("tic_diag", "line", "TIC (diagonal)", "curvature", True, None, None,
-     "Takeuchi information criterion, diagonal approximation."),
-    ("tic_trace", "line", "TIC (trace)", "curvature", True, None, None,
-     "Takeuchi information criterion, trace approximation."),
-    ("hyperparameters", "hyperparameters", "Hyperparameters", "hyperparameters", False, None,
-     "lr", "Learning rate (and other hyperparameters) per parameter group."),
+    (
+        "tic_diag",
+        "line",
+        "TIC (diagonal)",
+        "curvature",
+        True,
+        None,
+        None,
+        "Takeuchi information criterion, diagonal approximation.",
+    ),
+    (
+        "tic_trace",
+        "line",
+        "TIC (trace)",
+        "curvature",
+        True,
+        None,
+        None,
+        "Takeuchi information criterion, trace approximation.",
+    ),
+    (
+        "hyperparameters",
+        "hyperparameters",
+        "Hyperparameters",
+        "hyperparameters",
+        False,
+        None,
+        "lr",
+        "Learning rate (and other hyperparameters) per parameter group.",
+    ),
 )
 
 #: The built-in panels, grouped like Cockpit's view.
 DEFAULT_PANELS: tuple[PanelSpec, ...] = tuple(
     PanelSpec(
-        name=name, kind=kind, instrument=inst or name, metric=metric or inst or name,
-        title=title, group=group, y_log=y_log, description=desc,
+        name=name,
+        kind=kind,
+        instrument=inst or name,
+        metric=metric or inst or name,
+        title=title,
+        group=group,
+        y_log=y_log,
+        description=desc,
     )
     for name, kind, title, group, y_log, inst, metric, desc in _DEFAULTS
 )

@@ -122,15 +122,30 @@ def _alpha(
         return []
     med = float(np.median(a))
     if med > th.alpha_high:
-        return [Hint("warning", "alpha", (
-            f"Median α = {med:.2f} over the last {a.size} tracked steps: steps overshoot the "
-            "local minimum (α ≈ +1 or above). The learning rate is probably too large."
-        ), "alpha_high")]
+        return [
+            Hint(
+                "warning",
+                "alpha",
+                (
+                    f"Median α = {med:.2f} over the last {a.size} tracked steps: steps overshoot "
+                    "the "
+                    "local minimum (α ≈ +1 or above). The learning rate is probably too large."
+                ),
+                "alpha_high",
+            )
+        ]
     if med < th.alpha_low:
-        return [Hint("warning", "alpha", (
-            f"Median α = {med:.2f} over the last {a.size} tracked steps: steps barely move "
-            "down the local parabola (α ≈ −1). The learning rate is probably too small."
-        ), "alpha_low")]
+        return [
+            Hint(
+                "warning",
+                "alpha",
+                (
+                    f"Median α = {med:.2f} over the last {a.size} tracked steps: steps barely move "
+                    "down the local parabola (α ≈ −1). The learning rate is probably too small."
+                ),
+                "alpha_low",
+            )
+        ]
     return []
 
 
@@ -149,18 +164,36 @@ def _distance(
     elapsed = float(steps[-1] - steps[0])
     path = u_med * elapsed
     if change > th.distance_growth * scale:
-        return [Hint("info", "distance", (
-            f"The distance from the initialization grew by {change / scale:.0%} over the last "
-            f"{d.size} tracked steps while updates stay non-zero: the optimizer is still "
-            "travelling, moving along the valley walls."
-        ), "distance_growing")]
+        return [
+            Hint(
+                "info",
+                "distance",
+                (
+                    f"The distance from the initialization grew by {change / scale:.0%} over the "
+                    "last "
+                    f"{d.size} tracked steps while updates stay non-zero: the optimizer is still "
+                    "travelling, moving along the valley walls."
+                ),
+                "distance_growing",
+            )
+        ]
     if abs(change) < th.distance_flat * scale and path >= th.diffusion_path * scale:
-        return [Hint("info", "distance", (
-            f"The distance from the initialization stayed flat ({change / scale:+.1%}) although "
-            f"the updates add up to about {path / scale:.1f}× that distance: the steps cancel "
-            "out, the parameters diffuse around a minimum. A smaller learning rate or a larger "
-            "batch would settle them."
-        ), "diffusion")]
+        return [
+            Hint(
+                "info",
+                "distance",
+                (
+                    f"The distance from the initialization stayed flat ({change / scale:+.1%}) "
+                    "although "
+                    f"the updates add up to about {path / scale:.1f}× that distance: the steps "
+                    "cancel "
+                    "out, the parameters diffuse around a minimum. A smaller learning rate or a "
+                    "larger "
+                    "batch would settle them."
+                ),
+                "diffusion",
+            )
+        ]
     return []
 
 
@@ -205,11 +238,19 @@ def _edge_bins(
         return []
     where = "all parameters" if "all" in flagged else "parameters " + _names(list(flagged))
     worst = max(flagged.values())
-    return [Hint("warning", "grad_hist_1d", (
-        f"The gradient histogram of {where} has up to {worst:.0%} of its mass in the edge bins "
-        "(values beyond the range are clamped there): unnormalized inputs or exploding "
-        "gradients."
-    ), "edge_bins")]
+    return [
+        Hint(
+            "warning",
+            "grad_hist_1d",
+            (
+                f"The gradient histogram of {where} has up to {worst:.0%} of its mass in the edge "
+                "bins "
+                "(values beyond the range are clamped there): unnormalized inputs or exploding "
+                "gradients."
+            ),
+            "edge_bins",
+        )
+    ]
 
 
 def _vanishing(
@@ -225,16 +266,33 @@ def _vanishing(
     if not flagged:
         return []
     if len(flagged) == len(layers):
-        return [Hint("info", instrument, (
-            f"Every layer has ≥ {th.central_mass:.0%} of its individual gradients in the central "
-            "histogram bin(s): gradients are tiny everywhere (vanishing, or training has "
-            "converged)."
-        ), "vanishing_everywhere")]
-    return [Hint("warning", instrument, (
-        f"Vanishing gradients in layers {_names(flagged)}: ≥ {th.central_mass:.0%} of their "
-        "individual gradients sit in the central histogram bin(s) while other layers still get "
-        "signal."
-    ), "vanishing")]
+        return [
+            Hint(
+                "info",
+                instrument,
+                (
+                    f"Every layer has ≥ {th.central_mass:.0%} of its individual gradients in the "
+                    "central "
+                    "histogram bin(s): gradients are tiny everywhere (vanishing, or training has "
+                    "converged)."
+                ),
+                "vanishing_everywhere",
+            )
+        ]
+    return [
+        Hint(
+            "warning",
+            instrument,
+            (
+                f"Vanishing gradients in layers {_names(flagged)}: ≥ {th.central_mass:.0%} of "
+                "their "
+                "individual gradients sit in the central histogram bin(s) while other layers still "
+                "get "
+                "signal."
+            ),
+            "vanishing",
+        )
+    ]
 
 
 def _thirds(values: np.ndarray) -> tuple[float, float]:
@@ -260,11 +318,19 @@ def _max_ev(
     l_early, l_late = _thirds(loss)
     if l_early <= 0 or l_late > th.loss_flat * l_early:
         return []
-    return [Hint("info", "hess_max_ev", (
-        f"The largest Hessian eigenvalue rose {late / early:.1f}× over the last {ev.size} "
-        "tracked steps while the loss has not risen: curvature often moves first. Watch for a "
-        "loss spike; a smaller learning rate keeps the step inside the sharper valley."
-    ), "max_ev_rising")]
+    return [
+        Hint(
+            "info",
+            "hess_max_ev",
+            (
+                f"The largest Hessian eigenvalue rose {late / early:.1f}× over the last {ev.size} "
+                "tracked steps while the loss has not risen: curvature often moves first. Watch "
+                "for a "
+                "loss spike; a smaller learning rate keeps the step inside the sharper valley."
+            ),
+            "max_ev_rising",
+        )
+    ]
 
 
 def _early_stopping(
@@ -273,11 +339,19 @@ def _early_stopping(
     _, eb = tail_values(df, "early_stopping", window=window)
     if eb.size < th.min_points or float(np.median(eb)) <= 0.0:
         return []
-    return [Hint("info", "early_stopping", (
-        f"The early-stopping criterion is positive (median {float(np.median(eb)):.2f} over the "
-        f"last {eb.size} tracked steps): the gradient is indistinguishable from noise, "
-        "training could stop."
-    ), "early_stopping")]
+    return [
+        Hint(
+            "info",
+            "early_stopping",
+            (
+                f"The early-stopping criterion is positive (median {float(np.median(eb)):.2f} over "
+                "the "
+                f"last {eb.size} tracked steps): the gradient is indistinguishable from noise, "
+                "training could stop."
+            ),
+            "early_stopping",
+        )
+    ]
 
 
 _RULES: tuple[_Rule, ...] = (

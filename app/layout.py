@@ -65,18 +65,36 @@ _SECTION_OF_GROUP = {
 _PLACEMENT: Mapping[str, tuple[str, ...]] = {
     "step": ("alpha", "distance", "update_size", "grad_norm"),
     "gradients": (
-        "gradient_tests", "tests_history", "batch_size", "grad_hist_1d", "grad_hist_2d",
-        "mean_gsnr", "early_stopping", "cabs",
+        "gradient_tests",
+        "tests_history",
+        "batch_size",
+        "grad_hist_1d",
+        "grad_hist_2d",
+        "mean_gsnr",
+        "early_stopping",
+        "cabs",
     ),
     "curvature": ("hess_max_ev", "hess_trace", "tic_diag", "tic_trace"),
     "bottom": ("hyperparameters", "performance"),
     "time": ("grad_hist_time",),
     "layers": ("layer_grid",),
 }
-_WIDE = {"tests_history", "batch_size", "performance", "grad_hist_time", "layer_grid",
-         "layer_hist_time"}
-_TALL = {"tests_history": 480, "batch_size": 480, "grad_hist_2d": 380, "layer_hist_2d": 380,
-         "grad_hist_time": 380, "layer_hist_time": 340}
+_WIDE = {
+    "tests_history",
+    "batch_size",
+    "performance",
+    "grad_hist_time",
+    "layer_grid",
+    "layer_hist_time",
+}
+_TALL = {
+    "tests_history": 480,
+    "batch_size": 480,
+    "grad_hist_2d": 380,
+    "layer_hist_2d": 380,
+    "grad_hist_time": 380,
+    "layer_hist_time": 340,
+}
 _TESTS = ("norm_test", "inner_test", "ortho_test")
 #: Kinds that show one run (the focus run) rather than overlaying all selected runs.
 SINGLE_RUN_KINDS = frozenset(
@@ -85,16 +103,46 @@ SINGLE_RUN_KINDS = frozenset(
 
 #: Panels of the per-layer section whose ``param`` is the parameter picked in the layer picker.
 LAYER_PANELS: tuple[PanelSpec, ...] = (
-    PanelSpec("layer_grad_norm", "line", "grad_norm", "grad_norm", "Gradient norm", "layers",
-              y_log=True, description="Norm of this tensor's mini-batch gradient."),
-    PanelSpec("layer_hist_1d", "hist1d", "grad_hist_1d", "grad_hist_1d", "Gradient histogram",
-              "layers", y_log=True, description="Individual gradient entries of this tensor."),
-    PanelSpec("layer_hist_2d", "hist2d", "grad_hist_2d", "grad_hist_2d",
-              "Gradient × parameter histogram", "layers", y_log=True,
-              description="Parameter values against individual gradients of this tensor."),
-    PanelSpec("layer_hist_time", "hist_time", "grad_hist_1d", "grad_hist_1d",
-              "Gradient histogram over time", "layers", y_log=True,
-              description="This tensor's gradient histogram, one row per tracked step."),
+    PanelSpec(
+        "layer_grad_norm",
+        "line",
+        "grad_norm",
+        "grad_norm",
+        "Gradient norm",
+        "layers",
+        y_log=True,
+        description="Norm of this tensor's mini-batch gradient.",
+    ),
+    PanelSpec(
+        "layer_hist_1d",
+        "hist1d",
+        "grad_hist_1d",
+        "grad_hist_1d",
+        "Gradient histogram",
+        "layers",
+        y_log=True,
+        description="Individual gradient entries of this tensor.",
+    ),
+    PanelSpec(
+        "layer_hist_2d",
+        "hist2d",
+        "grad_hist_2d",
+        "grad_hist_2d",
+        "Gradient × parameter histogram",
+        "layers",
+        y_log=True,
+        description="Parameter values against individual gradients of this tensor.",
+    ),
+    PanelSpec(
+        "layer_hist_time",
+        "hist_time",
+        "grad_hist_1d",
+        "grad_hist_1d",
+        "Gradient histogram over time",
+        "layers",
+        y_log=True,
+        description="This tensor's gradient histogram, one row per tracked step.",
+    ),
 )
 
 

@@ -164,8 +164,11 @@ class DashSession:
                 {"id": "xaxis", "property": "value", "value": x},
                 {"id": "layer", "property": "value", "value": layer},
                 [
-                    {"id": {"name": n, "type": "log"}, "property": "value",
-                     "value": ["log"] if logs.get(n) else []}
+                    {
+                        "id": {"name": n, "type": "log"},
+                        "property": "value",
+                        "value": ["log"] if logs.get(n) else [],
+                    }
                     for n in panels
                 ],
             ],

@@ -87,9 +87,25 @@ def test_resolve_run_accepts_only_runs_directly_under_the_root(root, tmp_path):
     assert resolve_run(root, "good") == (root / "good").resolve()
     assert resolve_run(root, "alias") == (root / "good").resolve()  # still under the root
     refused = [
-        "..", ".", "", "../outside", str(outside), "/etc", "nested/inner", "escape",
-        "not-a-run", "missing", ".hidden", "good/../good", "good\x00", "..\\outside",
-        None, 3, ["good"], {"run": "good"}, "x" * 300,
+        "..",
+        ".",
+        "",
+        "../outside",
+        str(outside),
+        "/etc",
+        "nested/inner",
+        "escape",
+        "not-a-run",
+        "missing",
+        ".hidden",
+        "good/../good",
+        "good\x00",
+        "..\\outside",
+        None,
+        3,
+        ["good"],
+        {"run": "good"},
+        "x" * 300,
     ]
     for bad in refused:
         with pytest.raises(RunNotFound):
@@ -318,8 +334,11 @@ def test_params_and_tracked_come_from_the_metadata(root):
 
 
 def test_keep_holds_only_the_named_buckets_from_bulk_and_incremental_reads(root):
-    keep = {("scalars", "loss", "all"), ("scalars", "grad_norm", None),
-            ("histograms", "grad_hist_1d", PARAMS[1])}
+    keep = {
+        ("scalars", "loss", "all"),
+        ("scalars", "grad_norm", None),
+        ("histograms", "grad_hist_1d", PARAMS[1]),
+    }
     cache = LogCache(root, min_refresh_s=0.0, keep=keep)
     w = writer(root / "r")
     try:
@@ -455,7 +474,10 @@ def test_log_toggle_patches_axes_and_smoothing_changes_data(root):
     assert len(traces) == 2 and traces[0]["opacity"] < 1.0  # faint raw, then smoothed
     assert not np.allclose(traces[0]["y"], traces[1]["y"])
     toggled = page.update(
-        '{"name":"grad_norm","type":"log"}.value', runs=["r"], focus="r", smoothing=0.9,
+        '{"name":"grad_norm","type":"log"}.value',
+        runs=["r"],
+        focus="r",
+        smoothing=0.9,
         logs={"grad_norm": False},
     )
     patch = toggled["figure"]["grad_norm"]
@@ -494,9 +516,11 @@ def test_an_instrument_needs_no_app_code(root):
     panels = {p.name: p for p in panel_catalog(registry)}
     assert panels["sharpness"].section == "curvature" and panels["sharpness"].spec.y_log
     assert panels["two_things.a"].section == "other" and panels["two_things.b"].spec.metric == "b"
-    assert not set(panels) - {p.name for p in panel_catalog()} - {
-        "sharpness", "two_things.a", "two_things.b"
-    }
+    assert (
+        not set(panels)
+        - {p.name for p in panel_catalog()}
+        - {"sharpness", "two_things.a", "two_things.b"}
+    )
     meta = metadata(("loss", "sharpness"))
     with LogWriter(root / "r", meta) as w:
         for s in range(12):
@@ -526,9 +550,15 @@ def test_api_routes_refuse_everything_but_runs_under_the_root(root, tmp_path):
     assert ok.status_code == 200 and ok.get_json()["status"] == "finished"
     assert set(ok.get_json()["instruments"]) >= {"loss", "grad_norm"}
     for path in (
-        "/api/runs/..", "/api/runs/../outside", "/api/runs/..%2Foutside", "/api/runs/link",
-        f"/api/runs/{outside}", f"/api/runs/%2F{str(outside)[1:]}", "/api/runs/missing",
-        "/api/runs/good/..", "/api/runs/good%00",
+        "/api/runs/..",
+        "/api/runs/../outside",
+        "/api/runs/..%2Foutside",
+        "/api/runs/link",
+        f"/api/runs/{outside}",
+        f"/api/runs/%2F{str(outside)[1:]}",
+        "/api/runs/missing",
+        "/api/runs/good/..",
+        "/api/runs/good%00",
     ):
         assert client.get(path, follow_redirects=True).status_code == 404, path
 
@@ -551,8 +581,13 @@ def test_fast_extension_equals_the_reference(root):
     try:
         write_steps(w, range(0, 30), instruments=("loss", "grad_norm", "alpha", "user"))
         for s in range(30):
-            w.add_scalars(s, [("user", "accuracy", "all", s / 30),
-                              ("hyperparameters", "lr", "group0", 0.1 / (1 + s))])
+            w.add_scalars(
+                s,
+                [
+                    ("user", "accuracy", "all", s / 30),
+                    ("hyperparameters", "lr", "group0", 0.1 / (1 + s)),
+                ],
+            )
         w.flush()
         log, c1 = cache.get("r")
         full = {"r": log.frame("scalars", None, c1)}
@@ -570,8 +605,13 @@ def test_fast_extension_equals_the_reference(root):
         write_steps(w, range(30, 52), instruments=("loss", "grad_norm", "alpha", "user"))
         w.add_scalars(51, [("loss", "loss", "all", float("nan"))])  # step logged twice, NaN
         w.add_scalars(40, [("alpha", "alpha", "all", 0.5)])  # a late value for an early step
-        w.add_scalars(52, [("user", "val_accuracy", "all", 0.5),  # a new user metric
-                           ("hyperparameters", "lr", "group1", 0.01)])  # a new group
+        w.add_scalars(
+            52,
+            [
+                ("user", "val_accuracy", "all", 0.5),  # a new user metric
+                ("hyperparameters", "lr", "group1", 0.01),
+            ],
+        )  # a new group
         w.flush()
         log, c2 = cache.get("r")
         frames = {"r": log.new_rows("scalars", c1, c2)}
@@ -584,8 +624,14 @@ def test_fast_extension_equals_the_reference(root):
             ref = None if ref_payload is None else list(ref_payload)
             assert json.dumps(payload) == json.dumps(ref), name
             outcomes.add((name, "redraw" if new_state["redraw"] else "extend" if payload else "-"))
-        assert outcomes >= {("loss", "extend"), ("alpha", "extend"), ("perf", "redraw"),
-                            ("hp", "redraw"), ("budget", "redraw"), ("other_run", "redraw")}
+        assert outcomes >= {
+            ("loss", "extend"),
+            ("alpha", "extend"),
+            ("perf", "redraw"),
+            ("hp", "redraw"),
+            ("budget", "redraw"),
+            ("other_run", "redraw"),
+        }
     finally:
         w.close()
 

@@ -32,13 +32,32 @@ REFRESH_S = 0.5
 SCREENSHOT = REPO / "docs" / "screenshot.png"
 #: Panels the economy preset plus grad_hist_2d fills (layer panels: the first tensor).
 WITH_DATA = (
-    "alpha", "distance", "update_size", "grad_norm", "gradient_tests", "tests_history",
-    "batch_size", "grad_hist_1d", "grad_hist_2d", "hyperparameters", "performance",
-    "grad_hist_time", "layer_grid", "layer_grad_norm", "layer_hist_1d", "layer_hist_2d",
+    "alpha",
+    "distance",
+    "update_size",
+    "grad_norm",
+    "gradient_tests",
+    "tests_history",
+    "batch_size",
+    "grad_hist_1d",
+    "grad_hist_2d",
+    "hyperparameters",
+    "performance",
+    "grad_hist_time",
+    "layer_grid",
+    "layer_grad_norm",
+    "layer_hist_1d",
+    "layer_hist_2d",
     "layer_hist_time",
 )
 NOT_TRACKED = (
-    "mean_gsnr", "early_stopping", "cabs", "hess_max_ev", "hess_trace", "tic_diag", "tic_trace",
+    "mean_gsnr",
+    "early_stopping",
+    "cabs",
+    "hess_max_ev",
+    "hess_trace",
+    "tic_diag",
+    "tic_trace",
 )
 
 PANELS_JS = """
@@ -81,8 +100,9 @@ def live_root(tmp_path_factory):
     (root / "escape").symlink_to(outside, target_is_directory=True)
     trainers = [
         Trainer(root, "sgd", "--optimizer", "sgd", "--lr", "0.05", "--sleep", "0.05"),
-        Trainer(root, "adam", "--optimizer", "adam", "--lr", "0.01", "--seed", "1",
-                "--sleep", "0.05"),
+        Trainer(
+            root, "adam", "--optimizer", "adam", "--lr", "0.01", "--seed", "1", "--sleep", "0.05"
+        ),
     ]
     with LogWriter(root / "done", metadata()) as w:  # a finished run
         write_steps(w, range(30))
@@ -163,8 +183,11 @@ def save_screenshot(driver):
     height = driver.execute_script("return document.documentElement.scrollHeight")
     shot = driver.execute_cdp_cmd(
         "Page.captureScreenshot",
-        {"format": "png", "captureBeyondViewport": True,
-         "clip": {"x": 0, "y": 0, "width": 1600, "height": height, "scale": 1}},
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": 1600, "height": height, "scale": 1},
+        },
     )
     SCREENSHOT.parent.mkdir(exist_ok=True)
     SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
@@ -184,7 +207,9 @@ def test_page_loads_and_every_tracked_panel_shows_data(live_root, browser, serve
     started = time.monotonic()
     open_page(browser, server.url)
     shown = wait_panels(
-        browser, lambda p: all(points(p.get(n, {"traces": []})) > 0 for n in WITH_DATA), 60,
+        browser,
+        lambda p: all(points(p.get(n, {"traces": []})) > 0 for n in WITH_DATA),
+        60,
         "every tracked panel to show data",
     )
     loaded = time.monotonic() - started
@@ -211,7 +236,8 @@ def test_new_steps_arrive_by_extension_not_redraw(browser, server):
     )
     wait_for(
         lambda: panels(browser)["performance"]["traces"][0]["lastx"] > before,
-        8 * REFRESH_S + 10, "new steps in the loss panel",
+        8 * REFRESH_S + 10,
+        "new steps in the loss panel",
     )
     same, grown = browser.execute_script(
         "const gd = document.querySelector('[id*=\"performance\"] .js-plotly-plot');"
@@ -226,13 +252,13 @@ def test_new_steps_arrive_by_extension_not_redraw(browser, server):
 
 def test_zoom_survives_refreshes(browser, server):
     browser.execute_script(
-        "const gd = document.querySelector('[id*=\"grad_norm\"][id*=\"panel\"] .js-plotly-plot');"
+        'const gd = document.querySelector(\'[id*="grad_norm"][id*="panel"] .js-plotly-plot\');'
         "Plotly.relayout(gd, {'xaxis.range': [2, 7]});"
     )
     n = points(panels(browser)["grad_norm"])
     wait_for(lambda: points(panels(browser)["grad_norm"]) > n, 15, "grad_norm to grow")
     xrange = browser.execute_script(
-        "return document.querySelector('[id*=\"grad_norm\"][id*=\"panel\"] .js-plotly-plot')"
+        'return document.querySelector(\'[id*="grad_norm"][id*="panel"] .js-plotly-plot\')'
         ".layout.xaxis.range;"
     )
     assert xrange == [2, 7]
@@ -257,9 +283,12 @@ def test_overlay_and_switch_runs(browser, server):
     toggle_run(browser, "adam")
     both = wait_panels(
         browser,
-        lambda p: {t["name"].split(" · ")[0] for t in p["performance"]["traces"]}
-        == {"sgd", "adam"} and all(t["n"] for t in p["performance"]["traces"]),
-        20, "both runs overlaid",
+        lambda p: (
+            {t["name"].split(" · ")[0] for t in p["performance"]["traces"]} == {"sgd", "adam"}
+            and all(t["n"] for t in p["performance"]["traces"])
+        ),
+        20,
+        "both runs overlaid",
     )
     colors = {t["name"].split(" · ")[0]: t["color"] for t in both["performance"]["traces"]}
     assert colors["sgd"] != colors["adam"]
@@ -275,7 +304,8 @@ def test_overlay_and_switch_runs(browser, server):
     wait_panels(
         browser,
         lambda p: {t["name"].split(" · ")[0] for t in p["performance"]["traces"]} == {"adam"},
-        15, "only adam",
+        15,
+        "only adam",
     )
 
 
@@ -319,7 +349,8 @@ def test_a_run_deleted_while_shown(browser, server, live_root):
     wait_panels(browser, lambda p: points(p["performance"]) > 0, 30, "the finished run")
     shutil.rmtree(root / "done")
     notice = wait_for(
-        lambda: "was deleted" in text(browser, "notice") and text(browser, "notice"), 20,
+        lambda: "was deleted" in text(browser, "notice") and text(browser, "notice"),
+        20,
         "the deletion notice",
     )
     assert "'done'" in notice
@@ -351,7 +382,9 @@ def test_empty_root_shows_a_clear_empty_state(browser, tmp_path):
         notice = wait_for(lambda: text(browser, "notice"), 30, "a notice")
         assert "No runs under" in notice
         shown = wait_panels(
-            browser, lambda p: "no data yet" in p.get("performance", {}).get("notes", []), 30,
+            browser,
+            lambda p: "no data yet" in p.get("performance", {}).get("notes", []),
+            30,
             "the empty state of the panels",
         )
         assert "no data yet" in shown["alpha"]["notes"]
@@ -382,7 +415,10 @@ def test_nonexistent_root_is_a_clear_error(tmp_path):
     missing = tmp_path / "missing"
     proc = subprocess.run(
         [sys.executable, "-m", "app", str(missing), "--port", "0"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and str(missing) in proc.stderr

@@ -17,9 +17,7 @@ COLUMNS = ["step", "wall_time", "instrument", "metric", "param", "value"]
 
 def scalars(rows):
     """rows: (step, instrument, metric, param, value) -> DataFrame in the log schema."""
-    df = pd.DataFrame(
-        [(s, 1.7e9 + 0.5 * s, i, m, p, v) for s, i, m, p, v in rows], columns=COLUMNS
-    )
+    df = pd.DataFrame([(s, 1.7e9 + 0.5 * s, i, m, p, v) for s, i, m, p, v in rows], columns=COLUMNS)
     return df.astype({"step": "int64", "wall_time": "float64", "value": "float64"})
 
 
@@ -76,8 +74,10 @@ def hists_run(steps=(0, 10, 20), params=("0.weight", "2.weight")):
             counts = rng.integers(0, 5, (40, 50)).astype(float)
             recs.append((s, "grad_hist_2d", p, counts, e_g, e_p))
     return pd.DataFrame(
-        [(s, 1.7e9 + s, i, p, np.asarray(c), np.asarray(a), np.asarray(b))
-         for s, i, p, c, a, b in recs],
+        [
+            (s, 1.7e9 + s, i, p, np.asarray(c), np.asarray(a), np.asarray(b))
+            for s, i, p, c, a, b in recs
+        ],
         columns=["step", "wall_time", "instrument", "param", "counts", "edges_0", "edges_1"],
     )
 
@@ -271,9 +271,12 @@ def test_batch_size_figure_shows_suggestions_and_actual_batch():
     fig = F.batch_size_figure({"a": full_run()})
     metas = fig.layout.meta["traces"]
     assert [(m["instrument"], m["metric"]) for m in metas] == [
-        ("batch_size", "norm_test"), ("hyperparameters", "batch_size"),
-        ("batch_size", "inner_test"), ("hyperparameters", "batch_size"),
-        ("batch_size", "ortho_test"), ("hyperparameters", "batch_size"),
+        ("batch_size", "norm_test"),
+        ("hyperparameters", "batch_size"),
+        ("batch_size", "inner_test"),
+        ("hyperparameters", "batch_size"),
+        ("batch_size", "ortho_test"),
+        ("hyperparameters", "batch_size"),
     ]
     assert fig.data[0].y[0] == 40.0 and fig.data[1].y[0] == 32.0
     assert fig.data[1].line.dash == "dot"
@@ -283,7 +286,10 @@ def test_hyperparameter_figure_rows_per_metric_lines_per_group():
     fig = F.hyperparameter_figure({"a": full_run(n=5)})
     metas = fig.layout.meta["traces"]
     assert [(m["metric"], m["param"]) for m in metas] == [
-        ("lr", "group0"), ("lr", "group1"), ("momentum", "group0"), ("batch_size", "all")
+        ("lr", "group0"),
+        ("lr", "group1"),
+        ("momentum", "group0"),
+        ("batch_size", "all"),
     ]
     assert [t.yaxis for t in fig.data] == ["y", "y", "y2", "y3"]
     np.testing.assert_allclose(fig.data[0].y, 0.1 * 0.99 ** np.arange(5))
@@ -296,7 +302,10 @@ def test_performance_figure_secondary_axis_for_user_metrics():
     fig = F.performance_figure({"a": full_run()}, smoothing=0.5)
     metas = fig.layout.meta["traces"]
     assert [(m["instrument"], m["role"]) for m in metas] == [
-        ("loss", "raw"), ("loss", "smooth"), ("user", "raw"), ("user", "smooth")
+        ("loss", "raw"),
+        ("loss", "smooth"),
+        ("user", "raw"),
+        ("user", "smooth"),
     ]
     assert [t.yaxis for t in fig.data] == ["y", "y", "y2", "y2"]
     assert fig.layout.yaxis2.overlaying == "y" and fig.layout.yaxis2.side == "right"
@@ -481,8 +490,15 @@ def test_every_default_panel_has_an_empty_state():
 
 def test_build_panel_plain_line_needs_no_figure_code():
     df = scalars([(s, "my_new_snr", "snr", "all", float(s)) for s in range(5)])
-    spec = {"name": "snr", "kind": "line", "instrument": "my_new_snr", "metric": "snr",
-            "title": "SNR", "group": "gradients", "y_log": True}
+    spec = {
+        "name": "snr",
+        "kind": "line",
+        "instrument": "my_new_snr",
+        "metric": "snr",
+        "title": "SNR",
+        "group": "gradients",
+        "y_log": True,
+    }
     fig = F.build_panel(spec, {"a": df})
     assert list(fig.data[0].y) == [0, 1, 2, 3, 4]
     assert fig.layout.yaxis.type == "log" and fig.layout.title.text == "SNR"
@@ -520,8 +536,9 @@ def test_figure_csv_lists_what_is_shown():
     assert list(table.columns) == ["trace", "x", "y", "z"]
     assert table["x"].tolist() == [0, 1, 2, 3]
     np.testing.assert_allclose(table["y"], fig.data[0].y)
-    heat = F.hist_over_time_figure([0, 1], [np.ones(2), np.ones(2)], [0.0, 1.0, 2.0],
-                                   log_color=False)
+    heat = F.hist_over_time_figure(
+        [0, 1], [np.ones(2), np.ones(2)], [0.0, 1.0, 2.0], log_color=False
+    )
     cells = pd.read_csv(io.StringIO(F.figure_csv(heat)))
     assert len(cells) == 4 and cells["x"].tolist() == [0.5, 1.5, 0.5, 1.5]
     # a figure dict (e.g. from the browser or fig.to_dict(), with base64 typed arrays) works too

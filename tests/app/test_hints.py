@@ -25,8 +25,10 @@ def frame(*parts):
 def hist_frame(records):
     """records: (step, instrument, param, counts, edges_0, edges_1)."""
     return pd.DataFrame(
-        [(s, 1.7e9 + s, i, p, np.asarray(c, float), np.asarray(a, float), np.asarray(b, float))
-         for s, i, p, c, a, b in records],
+        [
+            (s, 1.7e9 + s, i, p, np.asarray(c, float), np.asarray(a, float), np.asarray(b, float))
+            for s, i, p, c, a, b in records
+        ],
         columns=["step", "wall_time", "instrument", "param", "counts", "edges_0", "edges_1"],
     )
 
@@ -138,8 +140,12 @@ EDGES_1D = np.linspace(-2, 2, 101)
 def test_edge_bins_flag_exploding_gradients():
     counts = np.ones(100)
     counts[0] = counts[-1] = 15.0  # 30 of 128: 23 % in the edge bins
-    h = hist_frame([(0, "grad_hist_1d", "all", np.ones(100), EDGES_1D, []),
-                    (5, "grad_hist_1d", "all", counts, EDGES_1D, [])])
+    h = hist_frame(
+        [
+            (0, "grad_hist_1d", "all", np.ones(100), EDGES_1D, []),
+            (5, "grad_hist_1d", "all", counts, EDGES_1D, []),
+        ]
+    )
     hint = by_rule(hints(frame(), hists=h), "edge_bins")
     assert hint.level == "warning" and "all parameters" in hint.text
     assert "exploding" in hint.text and "23%" in hint.text
@@ -148,9 +154,13 @@ def test_edge_bins_flag_exploding_gradients():
 def test_edge_bins_quiet_for_a_contained_histogram_or_an_old_problem():
     exploded = np.zeros(100)
     exploded[[0, -1]] = 50.0
-    bell = np.exp(-np.linspace(-4, 4, 100) ** 2) * 1000
-    h = hist_frame([(0, "grad_hist_1d", "all", exploded, EDGES_1D, []),
-                    (9, "grad_hist_1d", "all", bell, EDGES_1D, [])])
+    bell = np.exp(-(np.linspace(-4, 4, 100) ** 2)) * 1000
+    h = hist_frame(
+        [
+            (0, "grad_hist_1d", "all", exploded, EDGES_1D, []),
+            (9, "grad_hist_1d", "all", bell, EDGES_1D, []),
+        ]
+    )
     assert hints(frame(), hists=h) == []
 
 
@@ -165,36 +175,46 @@ E_G, E_P = np.linspace(-1, 1, 41), np.linspace(-2, 2, 51)
 
 
 def test_vanishing_gradients_name_the_layers():
-    h = hist_frame([
-        (3, "grad_hist_2d", "all", layer(0.5), E_G, E_P),
-        (3, "grad_hist_2d", "0.weight", layer(0.3), E_G, E_P),
-        (3, "grad_hist_2d", "2.weight", layer(0.999), E_G, E_P),
-        (3, "grad_hist_2d", "4.weight", layer(1.0), E_G, E_P),
-    ])
+    h = hist_frame(
+        [
+            (3, "grad_hist_2d", "all", layer(0.5), E_G, E_P),
+            (3, "grad_hist_2d", "0.weight", layer(0.3), E_G, E_P),
+            (3, "grad_hist_2d", "2.weight", layer(0.999), E_G, E_P),
+            (3, "grad_hist_2d", "4.weight", layer(1.0), E_G, E_P),
+        ]
+    )
     hint = by_rule(hints(frame(), hists=h), "vanishing")
     assert hint.level == "warning" and hint.instrument == "grad_hist_2d"
     assert "2.weight, 4.weight" in hint.text and "0.weight" not in hint.text
 
 
 def test_vanishing_everywhere_is_only_info_and_healthy_layers_are_quiet():
-    everywhere = hist_frame([
-        (3, "grad_hist_2d", "0.weight", layer(0.995), E_G, E_P),
-        (3, "grad_hist_2d", "2.weight", layer(1.0), E_G, E_P),
-    ])
+    everywhere = hist_frame(
+        [
+            (3, "grad_hist_2d", "0.weight", layer(0.995), E_G, E_P),
+            (3, "grad_hist_2d", "2.weight", layer(1.0), E_G, E_P),
+        ]
+    )
     hint = by_rule(hints(frame(), hists=everywhere), "vanishing_everywhere")
     assert hint.level == "info"
-    healthy = hist_frame([
-        (3, "grad_hist_2d", "0.weight", layer(0.2), E_G, E_P),
-        (3, "grad_hist_2d", "2.weight", layer(0.9), E_G, E_P),
-    ])
+    healthy = hist_frame(
+        [
+            (3, "grad_hist_2d", "0.weight", layer(0.2), E_G, E_P),
+            (3, "grad_hist_2d", "2.weight", layer(0.9), E_G, E_P),
+        ]
+    )
     assert hints(frame(), hists=healthy) == []
 
 
 def test_vanishing_falls_back_to_per_layer_1d_histograms():
     vanished = np.zeros(100)
     vanished[49:51] = 100.0
-    h = hist_frame([(0, "grad_hist_1d", "0.weight", np.ones(100), EDGES_1D, []),
-                    (0, "grad_hist_1d", "1.weight", vanished, EDGES_1D, [])])
+    h = hist_frame(
+        [
+            (0, "grad_hist_1d", "0.weight", np.ones(100), EDGES_1D, []),
+            (0, "grad_hist_1d", "1.weight", vanished, EDGES_1D, []),
+        ]
+    )
     hint = by_rule(hints(frame(), hists=h), "vanishing")
     assert hint.instrument == "grad_hist_1d" and "1.weight" in hint.text
 
@@ -239,7 +259,10 @@ def test_warnings_come_first():
 
 @pytest.mark.parametrize("window", [1, 10, 1000])
 def test_window_sizes_do_not_break(window):
-    df = frame(rows("alpha", np.full(20, 1.2)), rows("distance", np.arange(20.0)),
-               rows("update_size", np.ones(20)))
+    df = frame(
+        rows("alpha", np.full(20, 1.2)),
+        rows("distance", np.arange(20.0)),
+        rows("update_size", np.ones(20)),
+    )
     found = hints(df, window=window)
     assert ("alpha_high" in rules(found)) == (window >= 5)

@@ -15,9 +15,7 @@ COLUMNS = ["step", "wall_time", "instrument", "metric", "param", "value"]
 
 def scalars(rows):
     """rows: (step, instrument, metric, param, value) -> DataFrame in the log schema."""
-    df = pd.DataFrame(
-        [(s, 1.7e9 + 0.5 * s, i, m, p, v) for s, i, m, p, v in rows], columns=COLUMNS
-    )
+    df = pd.DataFrame([(s, 1.7e9 + 0.5 * s, i, m, p, v) for s, i, m, p, v in rows], columns=COLUMNS)
     return df.astype({"step": "int64", "wall_time": "float64", "value": "float64"})
 
 
