@@ -127,6 +127,17 @@ def alpha(
     Raises:
         ValueError: If ``tau`` or a variance is negative.
 
+    Example:
+        On ``L(θ) = θ²`` without noise, stepping from θ = 1 to the minimum gives 0, to the
+        same height on the other side +1, and a short step close to −1 (little progress):
+
+        >>> from instruments.alpha import alpha
+        >>> def along(t0, t1):  # τ, losses and slopes along u = sign(t1 − t0); variances 1
+        ...     u = 1.0 if t1 > t0 else -1.0
+        ...     return alpha(abs(t1 - t0), t0**2, t1**2, 1, 1, 2 * t0 * u, 2 * t1 * u, 1, 1)
+        >>> round(along(1.0, 0.0), 6), round(along(1.0, -1.0), 6), round(along(1.0, 0.9), 6)
+        (0.0, 1.0, -0.9)
+
     """
     tau = float(tau)
     f0, f1, df0, df1 = (float(v) for v in (f0, f1, df0, df1))
@@ -204,6 +215,16 @@ def alpha_from_samples(
     Raises:
         ValueError: If the losses and projections of one point differ in length.
 
+    Example:
+        >>> import torch
+        >>> from instruments.alpha import alpha_from_samples
+        >>> losses0 = torch.tensor([1.1, 0.9], dtype=torch.float64)  # [N0]: l_n(θ_t)
+        >>> losses1 = torch.tensor([0.9, 1.1], dtype=torch.float64)  # [N1]: l_n(θ_{t+1})
+        >>> proj0 = torch.tensor([-2.1, -1.9], dtype=torch.float64)  # [N0]: g_nᵀ u at θ_t
+        >>> proj1 = torch.tensor([1.9, 2.1], dtype=torch.float64)  # [N1]: g_nᵀ u at θ_{t+1}
+        >>> round(alpha_from_samples(2.0, losses0, losses1, proj0, proj1), 6)  # θ² from 1 to -1
+        1.0
+
     """
     for point, (losses, proj) in enumerate(((losses0, proj0), (losses1, proj1))):
         if losses.numel() != proj.numel():
@@ -239,6 +260,36 @@ class Alpha(Instrument):
     cached). On the next call of ``cockpit.step`` (step t+1, tracked or not) it gathers
     the end-point projections onto ``u`` and the individual losses at θ_{t+1} and logs
     α for step t. The last tracked step of a run has no end point and gets no α.
+
+    Example:
+        Full-batch linear regression with plain SGD: a cautious learning rate gives α ≈ −1,
+        a too-large one α > 0, growing past +1 as the iterates overshoot further, while the
+        loss still falls at first.
+
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> def run(lr, steps=4):
+        ...     _ = torch.manual_seed(0)
+        ...     model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        ...     x = torch.randn(32, 3).double()  # [N, D_in]
+        ...     w = torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
+        ...     y = x @ w + 0.1 * torch.randn(32, 1).double()  # [N, 1]
+        ...     opt = torch.optim.SGD(model.parameters(), lr=lr)
+        ...     alphas, losses = [], []
+        ...     with Cockpit(model, loss_fn, opt, ["alpha", "loss"]) as cockpit:
+        ...         for step in range(steps):
+        ...             opt.zero_grad()
+        ...             loss = loss_fn(model(x), y)
+        ...             with cockpit.step(step, loss):  # logs α of the previous step
+        ...                 loss.backward()
+        ...             opt.step()
+        ...             alphas.append(round(cockpit.latest().get("alpha", float("nan")), 2))
+        ...             losses.append(round(cockpit.latest()["loss"], 2))
+        ...     return alphas[1:], losses
+        >>> run(lr=0.01)
+        ([-0.98, -0.98, -0.98], [6.05, 5.84, 5.64, 5.44])
+        >>> run(lr=0.9)
+        ([0.73, 1.18, 1.33], [6.05, 3.47, 4.79, 8.43])
     """
 
     name = "alpha"

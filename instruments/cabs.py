@@ -64,6 +64,17 @@ def cabs(
         ``lr · (Σ_n ‖g_n‖² − N ‖g‖²) / (N · loss)`` as a float; NaN if ``loss ≤ 0``.
         Not rounded to an integer.
 
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> g = torch.randn(16, 5, dtype=torch.float64) + 1.0  # [N, D]: individual gradients
+        >>> from instruments.cabs import cabs
+        >>> mean = g.mean(0)  # [D]
+        >>> b = cabs(0.1, (g**2).sum(), mean.pow(2).sum(), 16, loss=0.5)
+        >>> ref = 0.1 * g.var(0, unbiased=False).sum() / 0.5  # lr · tr(Σ̂) / L
+        >>> abs(b - float(ref)) < 1e-12
+        True
+
     """
     n = check_batch_size(n)
     sum_l2 = as_scalar(sum_l2, "sum_l2")
@@ -106,6 +117,15 @@ def effective_lr(update: Tensor | Sequence[Tensor], grad: Tensor | Sequence[Tens
     Raises:
         ValueError: If the two inputs hold different numbers of entries.
 
+    Example:
+        >>> import torch
+        >>> from instruments.cabs import effective_lr
+        >>> g = torch.tensor([1.0, -2.0, 0.5])  # [D]: the mean gradient
+        >>> round(effective_lr(-0.1 * g, g), 6)  # plain SGD: the learning rate
+        0.1
+        >>> round(effective_lr(-0.1 * g + torch.tensor([2.0, 1.0, 0.0]), g), 6)  # ⊥ g ignored
+        0.1
+
     """
     d = flat64(update)
     g = flat64(grad)
@@ -131,6 +151,27 @@ class CABS(Instrument):
     The learning rate is the effective one of the actual update (:func:`effective_lr`),
     which equals ``lr`` for plain SGD; the loss is the mean loss ``(1/N) Σ_n l_n``.
     Metrics: ``cabs`` and ``lr_eff``.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments.cabs import cabs
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["cabs"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     g = 2 * (model(x) - y).detach() * torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        ...     opt.step()  # CABS is computed from the actual update
+        >>> latest = cockpit.latest()
+        >>> round(latest["cabs.lr_eff"], 6)  # plain SGD: the learning rate
+        0.1
+        >>> ref = cabs(0.1, (g**2).sum(), g.mean(0).pow(2).sum(), 32, loss.detach())
+        >>> abs(latest["cabs"] - ref) < 1e-9
+        True
     """
 
     name = "cabs"

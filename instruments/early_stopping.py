@@ -58,6 +58,18 @@ def early_stopping(
     Raises:
         ValueError: If the two inputs hold different numbers of entries.
 
+    Example:
+        >>> import torch
+        >>> from instruments.early_stopping import early_stopping
+        >>> _ = torch.manual_seed(0)
+        >>> noise = torch.randn(64, 10, dtype=torch.float64)  # [N, D]
+        >>> def eb(g):  # g: [N, D] individual gradients
+        ...     return early_stopping((g**2).sum(0), g.mean(0), len(g))
+        >>> eb(noise + 3.0) < 0  # a clear signal: keep training
+        True
+        >>> eb(noise - noise.mean(0)) > 0  # mean exactly zero: pure noise, stop
+        True
+
     """
     n = check_batch_size(n)
     sgs = flat64(second_moment)
@@ -73,7 +85,26 @@ def early_stopping(
 
 @register_instrument
 class EarlyStopping(Instrument):
-    """Evidence-based early-stopping criterion (Mahsereci et al. 2017); stop when > 0."""
+    """Evidence-based early-stopping criterion (Mahsereci et al. 2017); stop when > 0.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments.early_stopping import early_stopping
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["early_stopping"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> g = 2 * (model(x) - y).detach() * torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: g_n
+        >>> ref = early_stopping((g**2).sum(0), g.mean(0), 32)
+        >>> abs(latest["early_stopping"] - ref) < 1e-9
+        True
+    """
 
     name = "early_stopping"
     requires = frozenset({SecondMoment()})

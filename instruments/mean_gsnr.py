@@ -59,6 +59,17 @@ def mean_gsnr(
     Raises:
         ValueError: If the two inputs hold different numbers of entries.
 
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> g = torch.randn(16, 5, dtype=torch.float64) + 1.0  # [N, D]: individual gradients
+        >>> from instruments.mean_gsnr import mean_gsnr
+        >>> mean = g.mean(0)  # [D]
+        >>> gsnr = mean_gsnr((g**2).sum(0), mean, 16)
+        >>> ref = (mean**2 / (g.var(0, unbiased=False) + 1e-5)).mean()
+        >>> abs(gsnr - float(ref)) < 1e-12
+        True
+
     """
     n = check_batch_size(n)
     m2 = flat64(second_moment) / n
@@ -73,7 +84,26 @@ def mean_gsnr(
 
 @register_instrument
 class MeanGSNR(Instrument):
-    """Mean gradient signal-to-noise ratio (Liu et al. 2020), model-wide and per tensor."""
+    """Mean gradient signal-to-noise ratio (Liu et al. 2020), model-wide and per tensor.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments.mean_gsnr import mean_gsnr
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["mean_gsnr"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> g = 2 * (model(x) - y).detach() * torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: g_n
+        >>> ref = mean_gsnr((g**2).sum(0), g.mean(0), 32)
+        >>> abs(latest["mean_gsnr"] - ref) < 1e-9
+        True
+    """
 
     name = "mean_gsnr"
     requires = frozenset({SecondMoment()})
