@@ -22,6 +22,26 @@ class HessMaxEV(Instrument):
         max_iter: Iteration cap (Hessian-vector products).
 
     Metrics: ``hess_max_ev``, ``converged`` (0/1) and ``num_hvps``.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments.hess_max_ev import HessMaxEV
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, [HessMaxEV(tol=1e-8)]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> a = torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: the Hessian is (2/N) aᵀa
+        >>> top = torch.linalg.eigvalsh(2 / 32 * a.T @ a).max()
+        >>> abs(latest["hess_max_ev"] - float(top)) < 1e-6 * float(top)
+        True
+        >>> latest["hess_max_ev.converged"], latest["hess_max_ev.num_hvps"] <= 4  # D = 4
+        (1.0, True)
     """
 
     name = "hess_max_ev"

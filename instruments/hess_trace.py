@@ -9,7 +9,15 @@ __all__ = ["HessTrace", "curvature_quantity"]
 
 
 def curvature_quantity(curvature: str) -> Quantity:
-    """Diagonal-curvature key: ``"hessian"`` (exact where provable), ``"ggn"`` or ``"ggn_mc"``."""
+    """Diagonal-curvature key: ``"hessian"`` (exact where provable), ``"ggn"`` or ``"ggn_mc"``.
+
+    Example:
+        >>> from instruments.hess_trace import curvature_quantity
+        >>> curvature_quantity("ggn"), curvature_quantity("ggn_mc")
+        (DiagGGN(mc_samples=0), DiagGGN(mc_samples=1))
+        >>> curvature_quantity("hessian").probes  # Hutchinson probes if it cannot be exact
+        64
+    """
     choices = {"hessian": DiagHessian(), "ggn": DiagGGN(0), "ggn_mc": DiagGGN(1)}
     if curvature not in choices:
         raise ValueError(f"curvature must be one of {sorted(choices)}, got {curvature!r}")
@@ -28,6 +36,24 @@ class HessTrace(Instrument):
 
     Metrics: ``hess_trace`` (model-wide and per tensor) and ``exact`` (1 when the
     diagonal was exact, 0 for a Hutchinson or Monte-Carlo estimate).
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["hess_trace"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> a = torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: the Hessian is (2/N) aᵀa
+        >>> abs(latest["hess_trace"] - float(2 / 32 * a.pow(2).sum())) < 1e-9
+        True
+        >>> latest["hess_trace.exact"]  # 1: the exact diagonal (linear model, MSE)
+        1.0
     """
 
     name = "hess_trace"

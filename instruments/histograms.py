@@ -74,6 +74,14 @@ def bin_edges(bins: int, range: tuple[float, float], device: torch.device | None
     Raises:
         ValueError: For a non-positive number of bins or an invalid range.
 
+    Example:
+        >>> import numpy as np
+        >>> from instruments.histograms import bin_edges
+        >>> bin_edges(4, (-1.0, 1.0)).tolist()
+        [-1.0, -0.5, 0.0, 0.5, 1.0]
+        >>> bool((bin_edges(7, (-0.3, 0.9)).numpy() == np.linspace(-0.3, 0.9, 8)).all())
+        True
+
     """
     if isinstance(bins, bool) or int(bins) != bins or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}")
@@ -96,6 +104,14 @@ def bin_indices(values: Tensor, edges: Tensor) -> Tensor:
     Returns:
         Int64 tensor like ``values`` with entries in ``[0, len(edges) − 2]``:
         ``k`` with ``edges[k] ≤ v < edges[k+1]``, the last bin right-inclusive.
+
+    Example:
+        >>> import torch
+        >>> from instruments.histograms import bin_edges, bin_indices
+        >>> edges = bin_edges(4, (-1.0, 1.0))  # [-1, -0.5, 0, 0.5, 1]
+        >>> v = torch.tensor([-7.0, -0.5, 0.0, 0.49, 1.0, 3.0], dtype=torch.float64)
+        >>> bin_indices(v, edges).tolist()  # clamped; the last bin includes 1.0
+        [0, 1, 2, 2, 3, 3]
 
     """
     bins = edges.numel() - 1
@@ -123,6 +139,17 @@ def hist_1d(
 
     Returns:
         ``(counts, edges)``: float64 tensors of shapes ``[bins]`` and ``[bins + 1]``.
+
+    Example:
+        >>> import numpy as np
+        >>> import torch
+        >>> from instruments.histograms import hist_1d
+        >>> _ = torch.manual_seed(0)
+        >>> g = torch.randn(8, 3, 4)  # e.g. individual gradients [N, *P]
+        >>> counts, edges = hist_1d(g, bins=10, range=(-1.0, 1.0))  # [10], [11]
+        >>> ref, _ = np.histogram(g.clamp(-1, 1).numpy(), bins=10, range=(-1.0, 1.0))
+        >>> counts.tolist() == ref.tolist(), int(counts.sum())  # every entry counted
+        (True, 96)
 
     """
     v = flat64(values)
@@ -162,6 +189,20 @@ def hist_2d(
         ``(counts, (x_edges, y_edges))`` with float64 ``counts`` of shape
         ``[bins[0], bins[1]]``; a pair with a NaN coordinate is not counted.
 
+    Example:
+        >>> import numpy as np
+        >>> import torch
+        >>> from instruments.histograms import hist_2d
+        >>> _ = torch.manual_seed(0)
+        >>> g, theta = torch.randn(8, 3, 4) / 2, torch.randn(3, 4)  # [N, *P], [*P]
+        >>> counts, (g_edges, t_edges) = hist_2d(g, theta, bins=(5, 6))  # counts [5, 6]
+        >>> gx, ty = torch.broadcast_tensors(g.clamp(-1, 1), theta.clamp(-2, 2))
+        >>> ref, _, _ = np.histogram2d(
+        ...     gx.flatten().numpy(), ty.flatten().numpy(), bins=(5, 6), range=((-1, 1), (-2, 2))
+        ... )
+        >>> counts.shape, counts.tolist() == ref.tolist()
+        (torch.Size([5, 6]), True)
+
     """
     xb, yb = torch.broadcast_tensors(x.detach(), y.detach().to(x.device))
     xv = xb.reshape(-1).to(torch.float64)
@@ -190,6 +231,30 @@ class GradHist1D(Instrument):
             CPU; thin their schedule separately if needed).
         bins: Number of bins (default 100).
         range: Bin range; values outside are clamped into the edge bins.
+
+    Example:
+        Histograms go to the log (not to :meth:`~cockpit.Cockpit.latest`):
+
+        >>> import tempfile
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from cockpit.logreader import read_histograms
+        >>> from instruments.histograms import GradHist1D, hist_1d
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     with Cockpit(model, loss_fn, opt, [GradHist1D(bins=8)], logdir=tmp) as cockpit:
+        ...         loss = loss_fn(model(x), y)
+        ...         with cockpit.step(0, loss):
+        ...             loss.backward()
+        ...     hists = read_histograms(tmp, instrument="grad_hist_1d")
+        >>> hists.param.tolist()
+        ['all', 'weight', 'bias']
+        >>> g = 2 * (model(x) - y).detach() * torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: g_n
+        >>> hists.counts[0].tolist() == hist_1d(g, bins=8)[0].tolist()
+        True
     """
 
     name = "grad_hist_1d"
@@ -230,6 +295,30 @@ class GradHist2D(Instrument):
         schedule: Step predicate.
         bins: ``(gradient bins, parameter bins)``, default (40, 50).
         range: ``((g_low, g_high), (θ_low, θ_high))``, default ((−1, 1), (−2, 2)).
+
+    Example:
+        >>> import tempfile
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from cockpit.logreader import read_histograms
+        >>> from instruments.histograms import GradHist2D, hist_2d
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> inst = GradHist2D(bins=(6, 4))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     with Cockpit(model, loss_fn, opt, [inst], logdir=tmp) as cockpit:
+        ...         loss = loss_fn(model(x), y)
+        ...         with cockpit.step(0, loss):
+        ...             loss.backward()
+        ...     hists = read_histograms(tmp, instrument="grad_hist_2d", param="weight")
+        >>> tuple(hists["shape"][0])  # [B_g, B_θ]
+        (6, 4)
+        >>> g_w = 2 * (model(x) - y).detach()[:, :, None] * x[:, None, :]  # [N, 1, 3]
+        >>> counts, _ = hist_2d(g_w, model.weight, bins=(6, 4))
+        >>> hists.counts[0].tolist() == counts.tolist()
+        True
     """
 
     name = "grad_hist_2d"

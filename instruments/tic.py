@@ -70,6 +70,16 @@ def tic_diag(
     Raises:
         ValueError: If the two inputs hold different numbers of entries.
 
+    Example:
+        >>> import torch
+        >>> from instruments.tic import tic_diag
+        >>> _ = torch.manual_seed(0)
+        >>> g = torch.randn(16, 5, dtype=torch.float64)  # [N, D]: individual gradients
+        >>> h = torch.rand(5, dtype=torch.float64) + 0.5  # [D]: positive curvature diagonal
+        >>> tic = tic_diag((g**2).sum(0), 16, h)
+        >>> abs(tic - float(((g**2).mean(0) / (h + 1e-7)).sum())) < 1e-12
+        True
+
     """
     n = check_batch_size(n)
     m2 = flat64(second_moment) / n
@@ -103,6 +113,16 @@ def tic_trace(
 
     Returns:
         ``((1/N) Σ_n ‖g_n‖²) / (Σ_j h_j + ε)``.
+
+    Example:
+        >>> import torch
+        >>> from instruments.tic import tic_trace
+        >>> _ = torch.manual_seed(0)
+        >>> g = torch.randn(16, 5, dtype=torch.float64)  # [N, D]
+        >>> h = torch.rand(5, dtype=torch.float64) + 0.5  # [D]
+        >>> tic = tic_trace((g**2).sum(), 16, h)  # the diagonal, or its sum h.sum()
+        >>> abs(tic - float((g**2).sum(1).mean() / (h.sum() + 1e-7))) < 1e-12
+        True
 
     """
     n = check_batch_size(n)
@@ -150,7 +170,27 @@ class _TIC(Instrument):
 
 @register_instrument
 class TICDiag(_TIC):
-    """Takeuchi information criterion with diagonal curvature; see :func:`tic_diag`."""
+    """Takeuchi information criterion with diagonal curvature; see :func:`tic_diag`.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments.tic import tic_diag
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["tic_diag"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> g = 2 * (model(x) - y).detach() * torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: g_n
+        >>> a = torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: the Hessian is (2/N) aᵀa
+        >>> h = 2 / 32 * a.pow(2).sum(0)  # [D]: exact Hessian diagonal of the mean loss
+        >>> abs(latest["tic_diag"] - tic_diag((g**2).sum(0), 32, h)) < 1e-9
+        True
+    """
 
     name = "tic_diag"
     extra = (SecondMoment(),)
@@ -176,7 +216,27 @@ class TICDiag(_TIC):
 
 @register_instrument
 class TICTrace(_TIC):
-    """Takeuchi information criterion from traces; see :func:`tic_trace`."""
+    """Takeuchi information criterion from traces; see :func:`tic_trace`.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> from instruments.tic import tic_trace
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["tic_trace"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> g = 2 * (model(x) - y).detach() * torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: g_n
+        >>> a = torch.cat([x, x.new_ones(32, 1)], 1)  # [N, D]: the Hessian is (2/N) aᵀa
+        >>> trace = 2 / 32 * a.pow(2).sum()  # exact Hessian trace of the mean loss
+        >>> abs(latest["tic_trace"] - tic_trace((g**2).sum(), 32, trace)) < 1e-9
+        True
+    """
 
     name = "tic_trace"
     extra = (BatchL2(),)
