@@ -14,6 +14,7 @@ parameter bins), ``edges_0`` (``B + 1`` or ``B_g + 1`` gradient-bin edges) and `
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Mapping
 from typing import Literal, NamedTuple, TypedDict
@@ -90,6 +91,21 @@ def _check_smoothing(smoothing: float) -> float:
     return smoothing
 
 
+def _powers(w: float, start: int, n: int) -> np.ndarray:
+    """``w ** arange(start, start + n)`` for ``0 < w < 1``, equal to it bit for bit.
+
+    ``pow`` is slow once its results become subnormal; beyond the exponent at which
+    ``w ** j`` rounds to exactly 0.0 the tail is filled with zeros instead of computed.
+    """
+    # w**j == 0.0 once j * ln(w) < ln(2**-1075) ≈ -745.13; the margin only costs a few pows.
+    last = int(745.2 / -math.log(w)) + 2 if w > 0.0 else start
+    out = np.zeros(n, dtype=np.float64)
+    m = max(0, min(n, last - start + 1))
+    if m:
+        out[:m] = w ** np.arange(start, start + m, dtype=np.float64)
+    return out
+
+
 def ema_with_state(
     values: ArrayLike, smoothing: float, state: EmaState | None = None
 ) -> tuple[np.ndarray, EmaState]:
@@ -128,9 +144,9 @@ def ema_with_state(
         return y, {"last": float(f[-1]), "count": count0 + k}
     # m_j = Σ_{i≤j} w^{j−i} f_i / Σ_{i≤j} w^{j−i}: the debiased EMA of the fresh values alone.
     m = pd.Series(f).ewm(alpha=1.0 - w, adjust=True).mean().to_numpy()
-    wj = w ** np.arange(1, k + 1, dtype=np.float64)
+    wj = _powers(w, 1, k)
     acc = wj * last0 + (1.0 - wj) * m  # biased accumulator continuing from last0
-    debias = 1.0 - w ** (count0 + np.arange(1, k + 1, dtype=np.float64))
+    debias = 1.0 - _powers(w, count0 + 1, k)
     y[finite] = acc / debias
     return y, {"last": float(acc[-1]), "count": count0 + k}
 

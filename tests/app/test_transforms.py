@@ -84,6 +84,27 @@ def test_ema_state_resumes_exactly(w):
     assert state["count"] == int(np.isfinite(y).sum())
 
 
+@pytest.mark.parametrize("w", [1e-300, 0.1, 0.6, 0.9, 0.99, 0.9999])
+def test_powers_equal_numpy_pow_bit_for_bit_past_underflow(w):
+    for start, n in ((1, 0), (1, 5), (7, 3000), (1, 200_000), (100_000, 50)):
+        expected = w ** np.arange(start, start + n, dtype=np.float64)
+        np.testing.assert_array_equal(T._powers(w, start, n), expected)
+
+
+def test_ema_of_a_long_series_is_the_tensorboard_loop():
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=20_000)
+    y[::97] = np.nan
+    smoothed, state = T.ema_with_state(y, 0.95)
+    last, count, ref = 0.0, 0, np.full_like(y, np.nan)
+    for i, v in enumerate(y):
+        if np.isfinite(v):
+            last, count = 0.95 * last + 0.05 * v, count + 1
+            ref[i] = last / (1.0 - 0.95**count)
+    np.testing.assert_allclose(smoothed, ref, rtol=1e-10)
+    assert state["count"] == count
+
+
 def test_ema_smoothing_reduces_variation():
     y = np.random.default_rng(2).normal(size=1000)
     smooth = T.debiased_ema(y, 0.9)
