@@ -63,6 +63,7 @@ from app.transforms import (
 )
 
 __all__ = [
+    "COLOR_DIGITS",
     "DEFAULT_MAX_POINTS",
     "PALETTE",
     "TEST_THRESHOLDS",
@@ -88,6 +89,7 @@ __all__ = [
     "layer_grid_figure",
     "build_panel",
     "figure_csv",
+    "round_significant",
 ]
 
 #: Per-trace point budget of line figures (after min/max downsampling).
@@ -1157,12 +1159,43 @@ def hist_1d_figure(
     return go.Figure(data=traces, layout=layout)
 
 
+#: Significant digits of heatmap colour values (``z``); the hover shows three.
+COLOR_DIGITS = 4
+
+
+def round_significant(values: ArrayLike, digits: int = COLOR_DIGITS) -> np.ndarray:
+    """Round to ``digits`` significant digits (NaN, ±inf and 0 unchanged).
+
+    Heatmap cells only pick a colour, so four digits are plenty, and the JSON sent to the
+    browser shrinks from ~19 characters per cell to ~7 (a 10⁵-cell histogram over time:
+    2 MB → 0.8 MB, and a quarter of the encoding time).
+
+    Args:
+        values: Any float array.
+        digits: Significant digits to keep (at least 1).
+
+    Returns:
+        A new float64 array of the same shape.
+
+    """
+    out = np.array(values, dtype=np.float64, copy=True)
+    nonzero = np.isfinite(out) & (out != 0.0)
+    v = out[nonzero]
+    if v.size:
+        scale = 10.0 ** (digits - 1 - np.floor(np.log10(np.abs(v))))
+        out[nonzero] = np.round(v * scale) / scale
+    return out
+
+
 def _color_z(values: np.ndarray, log_color: bool) -> np.ndarray:
-    """Colour values: log10 with empty cells blank (NaN), or the values themselves."""
+    """Colour values: log10 with empty cells blank (NaN), or the values themselves.
+
+    Rounded to :data:`COLOR_DIGITS` significant digits (see :func:`round_significant`).
+    """
     if not log_color:
-        return values
+        return round_significant(values)
     positive = values > 0
-    return np.where(positive, np.log10(np.where(positive, values, 1.0)), np.nan)
+    return round_significant(np.where(positive, np.log10(np.where(positive, values, 1.0)), np.nan))
 
 
 def hist_2d_figure(

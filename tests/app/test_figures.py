@@ -421,7 +421,7 @@ def test_hist_over_time_rows_normalization_and_extension():
     assert list(heat.y) == [0, 10, 20]
     np.testing.assert_allclose(np.array(heat.z), [[0.25] * 4, [0, 0.5, 0.5, 0], [0, 0, 0, 1]])
     log = F.hist_over_time_figure([0], counts[:1], edges)
-    np.testing.assert_allclose(np.array(log.data[0].z), [[math.log10(0.25)] * 4])
+    np.testing.assert_allclose(np.array(log.data[0].z), [[math.log10(0.25)] * 4], rtol=1e-3)
 
     payload, state = F.extend_hist_over_time(
         [10, 20, 30], counts[1:] + [np.array([4.0, 0, 0, 0])], fig.layout.meta
@@ -436,6 +436,31 @@ def test_hist_over_time_rows_normalization_and_extension():
     empty = F.hist_over_time_figure([], [], None)
     assert "no data yet" in annotation_texts(empty)
     assert F.extend_hist_over_time([1], [np.ones(4)], empty.layout.meta)[1]["redraw"] is True
+
+
+def test_round_significant_keeps_four_digits_and_special_values():
+    values = np.array([[1234.5678, -0.000123456, 0.0], [np.nan, np.inf, -np.inf]])
+    out = F.round_significant(values)
+    assert out[0].tolist() == [1235.0, -0.0001235, 0.0]
+    assert np.isnan(out[1, 0]) and out[1, 1] == np.inf and out[1, 2] == -np.inf
+    assert F.round_significant([2.0 / 3.0], 2).tolist() == [0.67]
+    assert json.dumps(F.round_significant(np.log10([0.0123456789])).tolist()) == "[-1.908]"
+    assert values[0, 0] == 1234.5678  # not modified in place
+
+
+def test_heatmap_colours_are_rounded_but_hover_counts_are_exact():
+    rng = np.random.default_rng(0)
+    counts = rng.random((4, 5)) * 1000
+    e0, e1 = np.linspace(-1, 1, 5), np.linspace(-2, 2, 6)
+    heat = F.hist_2d_figure(counts, e0, e1).data[0]
+    np.testing.assert_allclose(np.array(heat.z), np.log10(counts), rtol=1e-3)
+    np.testing.assert_array_equal(np.array(heat.customdata), counts)
+    rows = [rng.random(5) for _ in range(3)]
+    fig = F.hist_over_time_figure([0, 1, 2], rows, np.linspace(0, 1, 6))
+    ref = np.log10(np.stack(rows) / np.stack(rows).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(np.array(fig.data[0].z), ref, rtol=1e-3)
+    payload, _ = F.extend_hist_over_time([3], [rows[0]], fig.layout.meta)
+    assert payload[0]["z"][0][0] == np.array(fig.data[0].z)[0].tolist()  # same rounding
 
 
 def test_hist_over_time_thins_rows_to_budget():
