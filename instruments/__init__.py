@@ -62,7 +62,19 @@ PRESETS: dict[str, tuple[str, ...]] = {
 
 
 def get(name: str, schedule: Callable[[int], bool] | None = None, **config) -> Instrument:
-    """Instantiate a registered instrument by its log name."""
+    """Instantiate a registered instrument by its log name.
+
+    Example:
+        >>> from cockpit import schedules
+        >>> from instruments import get
+        >>> trace = get("hess_trace", schedules.every(10), curvature="ggn")
+        >>> trace.schedule, trace.config()["curvature"], trace.requires
+        (every(k=10, offset=0), 'ggn', frozenset({DiagGGN(mc_samples=0)}))
+        >>> get("grad_nrom")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown instrument 'grad_nrom'; known: [...]
+    """
     try:
         cls = INSTRUMENTS[name]
     except KeyError:
@@ -71,7 +83,15 @@ def get(name: str, schedule: Callable[[int], bool] | None = None, **config) -> I
 
 
 def preset(name: str, schedule: Callable[[int], bool] | None = None) -> list[Instrument]:
-    """The instruments of preset ``"economy"``, ``"business"`` or ``"full"``."""
+    """The instruments of preset ``"economy"``, ``"business"`` or ``"full"``.
+
+    Example:
+        >>> from instruments import PRESETS, preset
+        >>> sorted(set(PRESETS["business"]) - set(PRESETS["economy"]))  # the curvature additions
+        ['hess_trace', 'tic_diag']
+        >>> [i.name for i in preset("full")][-4:]
+        ['hess_max_ev', 'grad_hist_2d', 'batch_size', 'hyperparameters']
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return [get(n, schedule) for n in PRESETS[name] if n in INSTRUMENTS]

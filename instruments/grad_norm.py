@@ -8,7 +8,24 @@ from instruments.base import norms as _norms
 
 @register_instrument
 class GradNorm(Instrument):
-    """``‖∇L‖`` (the gradient the optimizer sees), model-wide and per parameter tensor."""
+    """``‖∇L‖`` (the gradient the optimizer sees), model-wide and per parameter tensor.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Cockpit
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x, y = torch.randn(32, 3).double(), torch.randn(32, 1).double()  # [N, D_in], [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with Cockpit(model, loss_fn, opt, ["grad_norm"]) as cockpit:
+        ...     loss = loss_fn(model(x), y)
+        ...     with cockpit.step(0, loss):
+        ...         loss.backward()
+        >>> latest = cockpit.latest()
+        >>> grad = torch.cat([p.grad.flatten() for p in model.parameters()])  # [D]
+        >>> abs(latest["grad_norm"] - float(grad.norm())) < 1e-12
+        True
+    """
 
     name = "grad_norm"
     cost = "free"
