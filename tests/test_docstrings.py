@@ -135,39 +135,57 @@ def _methods(cls: type) -> dict[str, object]:
     return out
 
 
+def _class_doc(cls: type) -> str | None:
+    doc = cls.__doc__
+    if doc and re.fullmatch(rf"{cls.__name__}\(.*\)", doc.strip()):
+        return None  # the signature a dataclass writes when it has no docstring
+    return doc
+
+
+def _method_problem(cls: type, name: str) -> str | None:
+    """Why method ``name`` of ``cls`` is not documented (None when it is).
+
+    A method is documented when its docstring has an example, or when the example of the class
+    that documents it calls it or (for hooks such as ``Instrument.compute``, which the Cockpit
+    calls) shows how a subclass implements it. An override without a docstring of its own
+    inherits the documentation of the base method it overrides.
+    """
+    for owner in cls.__mro__:
+        if name not in vars(owner):
+            continue
+        attr = vars(owner)[name]
+        if isinstance(attr, (staticmethod, classmethod)):
+            attr = attr.__func__
+        if isinstance(attr, property):
+            return None if attr.__doc__ else "no docstring"
+        if not getattr(attr, "__doc__", None):
+            continue  # look for the documented base method
+        if _has_example(attr.__doc__):
+            return None
+        code = _example_code(_class_doc(owner))
+        if re.search(rf"\.{name}\b|\bdef {name}\(", code):
+            return None
+        return "neither its docstring nor its class's example uses it"
+    return "no docstring"
+
+
 def missing_docs() -> list[str]:
     """Public names without a docstring or an example, with the reason."""
     problems = []
     for qualname, obj in public_objects().items():
         if _skipped(qualname):
             continue
-        doc = obj.__doc__
-        if inspect.isclass(obj) and doc and re.fullmatch(rf"{obj.__name__}\(.*\)", doc.strip()):
-            doc = None  # the signature a dataclass writes when it has no docstring
+        doc = _class_doc(obj) if inspect.isclass(obj) else obj.__doc__
         if not doc:
             problems.append(f"{qualname}: no docstring")
             continue
         if not _has_example(doc):
             problems.append(f"{qualname}: no Example section")
-        if not inspect.isclass(obj):
-            continue
-        class_code = _example_code(doc)
-        for meth_name, meth in _methods(obj).items():
-            where = f"{qualname}.{meth_name}"
-            if isinstance(meth, property):
-                if not meth.__doc__:
-                    problems.append(f"{where}: no docstring")
-                continue
-            # An override without a docstring of its own inherits its base method's.
-            mdoc = inspect.getdoc(getattr(obj, meth_name))
-            if not mdoc:
-                problems.append(f"{where}: no docstring")
-            elif not _has_example(mdoc) and not re.search(
-                rf"\.{meth_name}\b|\bdef {meth_name}\(", class_code
-            ):
-                # The class's example calls it, or (for hooks such as Instrument.compute,
-                # which the Cockpit calls) shows how a subclass implements it.
-                problems.append(f"{where}: neither its docstring nor its class's example uses it")
+        if inspect.isclass(obj):
+            for name in _methods(obj):
+                problem = _method_problem(obj, name)
+                if problem:
+                    problems.append(f"{qualname}.{name}: {problem}")
     return problems
 
 
@@ -178,7 +196,30 @@ def test_public_api_documented():
 
 def test_completeness_check_can_fail():
     assert any(q.startswith("cockpit.factors.") for q in public_objects())
-    mod = types.ModuleType("undocumented")
-    exec("def f():\n    pass\n", mod.__dict__)  # noqa: S102
-    assert not _has_example(mod.f.__doc__)
+    assert not _has_example(None) and not _has_example("Doc without an example.")
     assert _has_example("Doc.\n\nExample:\n    >>> 1\n    1\n")
+
+    class Base:
+        """Doc.
+
+        Example:
+            >>> Base().run()
+        """
+
+        def run(self):
+            """Run."""
+
+        def stop(self):
+            """Stop (no example, and the class's example does not use it)."""
+
+    class Child(Base):
+        """Doc."""
+
+        def run(self):  # inherits Base.run's documentation
+            pass
+
+        def undocumented(self):
+            pass
+
+    assert _method_problem(Base, "run") is None and _method_problem(Child, "run") is None
+    assert _method_problem(Base, "stop") and _method_problem(Child, "undocumented")
