@@ -219,7 +219,16 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 
 class SchemaVersionError(ValueError):
-    """A log was written by a newer schema version than this reader knows."""
+    """A log was written by a newer schema version than this reader knows.
+
+    Example:
+        >>> from cockpit.schema import SchemaVersionError, check_schema_version
+        >>> try:
+        ...     check_schema_version(99, "runs/a/scalars/part-000000.parquet")
+        ... except SchemaVersionError as exc:
+        ...     print(exc)
+        runs/a/scalars/part-000000.parquet was written with cockpit log schema version 99, ...
+    """
 
 
 def check_schema_version(version: Any, path: str | os.PathLike) -> int:
@@ -235,6 +244,15 @@ def check_schema_version(version: Any, path: str | os.PathLike) -> int:
     Raises:
         SchemaVersionError: If the version is newer than :data:`SCHEMA_VERSION`
             or not an integer.
+
+    Example:
+        >>> from cockpit.schema import SCHEMA_VERSION, check_schema_version
+        >>> check_schema_version(b"1", "meta.json") == 1 <= SCHEMA_VERSION
+        True
+        >>> check_schema_version("one", "meta.json")
+        Traceback (most recent call last):
+        ...
+        cockpit.schema.SchemaVersionError: meta.json: schema_version 'one' is not an integer
     """
     if isinstance(version, bytes):
         version = version.decode("ascii", "replace")
@@ -259,13 +277,27 @@ def file_schema_version(schema: pa.Schema, path: str | os.PathLike) -> int:
 
     Returns:
         The version; files without the key count as version 1.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> from cockpit.schema import SCALARS_SCHEMA, file_schema_version
+        >>> file_schema_version(SCALARS_SCHEMA, "part-000000.parquet")  # what the writer stores
+        1
+        >>> file_schema_version(pa.schema([("step", pa.int64())]), "old.parquet")  # no key: 1
+        1
     """
     metadata = schema.metadata or {}
     return check_schema_version(metadata.get(SCHEMA_VERSION_KEY, b"1"), path)
 
 
 def group_param(index: int) -> str:
-    """Return the ``param`` value of optimizer parameter group ``index`` (``"group0"``, …)."""
+    """Return the ``param`` value of optimizer parameter group ``index`` (``"group0"``, …).
+
+    Example:
+        >>> from cockpit.schema import group_param
+        >>> [group_param(i) for i in range(2)]  # e.g. the hyperparameters instrument's rows
+        ['group0', 'group1']
+    """
     return f"group{int(index)}"
 
 
@@ -277,21 +309,41 @@ _SEGMENT_RE = re.compile(r"^part-(\d{6,})(?:-(\d{6,}))?\.parquet$")
 
 
 def segment_file_name(number: int) -> str:
-    """Return the file name of segment ``number``, e.g. ``part-000042.parquet``."""
+    """Return the file name of segment ``number``, e.g. ``part-000042.parquet``.
+
+    Example:
+        >>> from cockpit.schema import parse_segment_name, segment_file_name
+        >>> segment_file_name(42), parse_segment_name(segment_file_name(42))
+        ('part-000042.parquet', (42, 42))
+    """
     if number < 0:
         raise ValueError(f"segment number must be >= 0, got {number}")
     return f"part-{number:06d}.parquet"
 
 
 def compacted_file_name(lo: int, hi: int) -> str:
-    """Return the name of a file merging segments ``lo..hi``: ``part-000000-000041.parquet``."""
+    """Return the name of a file merging segments ``lo..hi``: ``part-000000-000041.parquet``.
+
+    Example:
+        >>> from cockpit.schema import compacted_file_name, parse_segment_name
+        >>> compacted_file_name(0, 41), parse_segment_name(compacted_file_name(0, 41))
+        ('part-000000-000041.parquet', (0, 41))
+    """
     if not 0 <= lo <= hi:
         raise ValueError(f"invalid segment range {lo}..{hi}")
     return f"part-{lo:06d}-{hi:06d}.parquet"
 
 
 def temp_file_name(final_name: str) -> str:
-    """Return the temp name a file is written under before it is renamed to ``final_name``."""
+    """Return the temp name a file is written under before it is renamed to ``final_name``.
+
+    Example:
+        >>> from cockpit.schema import parse_segment_name, temp_file_name
+        >>> temp_file_name("part-000042.parquet")
+        '.part-000042.parquet.tmp'
+        >>> parse_segment_name(temp_file_name("part-000042.parquet")) is None  # never data
+        True
+    """
     return f".{final_name}.tmp"
 
 
@@ -300,6 +352,15 @@ def parse_segment_name(name: str) -> tuple[int, int] | None:
 
     ``part-000042.parquet`` covers ``(42, 42)``; ``part-000000-000041.parquet``
     covers ``(0, 41)``. Temp files and other names return None.
+
+    Example:
+        >>> from cockpit.schema import parse_segment_name
+        >>> parse_segment_name("part-000007.parquet")
+        (7, 7)
+        >>> parse_segment_name("part-000000-000041.parquet")  # a compacted file
+        (0, 41)
+        >>> parse_segment_name(".part-000008.parquet.tmp"), parse_segment_name("notes.txt")
+        (None, None)
     """
     match = _SEGMENT_RE.match(name)
     if match is None:
@@ -312,7 +373,15 @@ def parse_segment_name(name: str) -> tuple[int, int] | None:
 
 
 class Segment(NamedTuple):
-    """One segment file on disk covering segment numbers ``lo..hi`` (inclusive)."""
+    """One segment file on disk covering segment numbers ``lo..hi`` (inclusive).
+
+    Example:
+        >>> from pathlib import Path
+        >>> from cockpit.schema import Segment
+        >>> seg = Segment(0, 41, "part-000000-000041.parquet", Path("runs/a/scalars"))
+        >>> seg.path.as_posix(), seg.compacted
+        ('runs/a/scalars/part-000000-000041.parquet', True)
+    """
 
     lo: int
     hi: int
@@ -341,6 +410,22 @@ def list_segments(table_dir: str | os.PathLike, min_hi: int = 0) -> list[Segment
     Returns:
         Every segment file with ``hi >= min_hi``, superseded ones included,
         sorted by ``(lo, -hi)``; an empty list when the directory does not exist.
+
+    Example:
+        The segments of a run written with two flushes:
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> from cockpit.schema import list_segments
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     with LogWriter(Path(tmp) / "run") as writer:
+        ...         for step in range(2):
+        ...             writer.add_scalar(step, "loss", "loss", "all", 1.0 / (step + 1))
+        ...             writer.flush()
+        ...     names = [s.name for s in list_segments(Path(tmp) / "run" / "scalars")]
+        >>> names
+        ['part-000000.parquet', 'part-000001.parquet']
     """
     table_dir = Path(table_dir)
     try:
@@ -369,6 +454,22 @@ def visible_segments(segments: list[Segment]) -> list[Segment]:
 
     Returns:
         The files a reader should read, in segment order, with disjoint ranges.
+
+    Example:
+        A compacted file supersedes the segments inside its range:
+
+        >>> from pathlib import Path
+        >>> from cockpit.schema import Segment, compacted_file_name, segment_file_name
+        >>> from cockpit.schema import visible_segments
+        >>> d = Path("scalars")
+        >>> listed = [
+        ...     Segment(0, 1, compacted_file_name(0, 1), d),
+        ...     Segment(0, 0, segment_file_name(0), d),  # deleted once compaction finishes
+        ...     Segment(1, 1, segment_file_name(1), d),
+        ...     Segment(2, 2, segment_file_name(2), d),
+        ... ]
+        >>> [s.name for s in visible_segments(listed)]
+        ['part-000000-000001.parquet', 'part-000002.parquet']
     """
     visible: list[Segment] = []
     covered = -1
@@ -393,6 +494,15 @@ def find_gaps(segments: list[Segment], start: int = 0) -> list[tuple[int, int]]:
 
     Returns:
         Missing ``(lo, hi)`` ranges, inclusive.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from cockpit.schema import Segment, find_gaps
+        >>> segs = [Segment(n, n, f"part-{n:06d}.parquet", Path(".")) for n in (0, 1, 4)]
+        >>> find_gaps(segs)  # segments 2 and 3 are missing
+        [(2, 3)]
+        >>> find_gaps(segs, start=4)
+        []
     """
     gaps = []
     expected = start
@@ -416,6 +526,16 @@ def segment_map(schema: pa.Schema, segment: Segment, num_rows: int) -> list[tupl
     Returns:
         One entry per source segment, in row order; a single entry covering the
         whole file for plain segments.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from cockpit.schema import SCALARS_SCHEMA, SEGMENTS_KEY, Segment, segment_map
+        >>> merged = Segment(0, 2, "part-000000-000002.parquet", Path("scalars"))
+        >>> schema = SCALARS_SCHEMA.with_metadata({SEGMENTS_KEY: b"[[0, 0, 3], [1, 2, 5]]"})
+        >>> segment_map(schema, merged, num_rows=8)  # rows 0-2 from segment 0, 3-7 from 1..2
+        [(0, 0, 3), (1, 2, 5)]
+        >>> segment_map(SCALARS_SCHEMA, Segment(3, 3, "part-000003.parquet", Path(".")), 4)
+        [(3, 3, 4)]
     """
     raw = (schema.metadata or {}).get(SEGMENTS_KEY)
     if raw is None:
@@ -439,6 +559,16 @@ def describe_model(model: Any) -> list[dict[str, Any]]:
 
     Returns:
         ``[{name, shape, numel, requires_grad}, ...]`` in parameter order.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.schema import describe_model
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> _ = model[0].bias.requires_grad_(False)  # a frozen bias
+        >>> for entry in describe_model(model):
+        ...     print(entry)
+        {'name': '0.weight', 'shape': [2, 3], 'numel': 6, 'requires_grad': True}
+        {'name': '0.bias', 'shape': [2], 'numel': 2, 'requires_grad': False}
     """
     return [
         {
@@ -459,6 +589,14 @@ def describe_optimizer(optimizer: Any) -> dict[str, Any]:
 
     Returns:
         ``{"class": name, "param_groups": [hyperparameters without "params", ...]}``.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.schema import describe_optimizer
+        >>> opt = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, momentum=0.9)
+        >>> info = describe_optimizer(opt)
+        >>> info["class"], info["param_groups"][0]["lr"], info["param_groups"][0]["momentum"]
+        ('SGD', 0.1, 0.9)
     """
     return {
         "class": type(optimizer).__name__,
