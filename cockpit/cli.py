@@ -74,6 +74,21 @@ def summarize(run_dir: str | Path) -> pd.DataFrame:
     Returns:
         One row per ``(instrument, metric)`` logged with ``param == "all"``:
         columns ``instrument, metric, last, min, max, rows, last_step``.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.cli import summarize
+        >>> from cockpit.logwriter import LogWriter
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     with LogWriter(Path(tmp) / "run") as writer:
+        ...         for step, loss in enumerate([0.9, 0.4, 0.6]):
+        ...             writer.add_scalar(step, "loss", "loss", "all", loss)
+        ...             writer.add_scalar(step, "grad_norm", "grad_norm", "0.weight", 1.0)
+        ...     summary = summarize(Path(tmp) / "run")
+        >>> print(summary.to_string(index=False))  # per-tensor rows are left out
+        instrument metric  last  min  max  rows  last_step
+              loss   loss   0.6  0.4  0.9     3          2
     """
     log = read_log(run_dir)
     log = log[log["param"] == PARAM_ALL]
@@ -234,6 +249,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success, 2 on usage errors and missing runs.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.cli import main
+        >>> from cockpit.logwriter import LogWriter
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     with LogWriter(Path(tmp) / "run") as writer:
+        ...         writer.add_scalar(0, "loss", "loss", "all", 0.5)
+        ...     out = str(Path(tmp) / "loss.csv")
+        ...     status = main(["export", str(Path(tmp) / "run"), "--format", "csv", "--out", out])
+        ...     csv = Path(out).read_text().splitlines()
+        wrote 1 scalars rows to .../loss.csv
+        >>> status, csv[0]
+        (0, 'step,wall_time,instrument,metric,param,value')
+        >>> main(["summary", "no/such/run"])  # the message goes to stderr
+        2
     """
     parser = _parser()
     try:
