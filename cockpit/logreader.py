@@ -280,6 +280,22 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError: If the run has no ``meta.json``.
         SchemaVersionError: If the run was written by a newer schema version.
         ValueError: If ``meta.json`` is not a JSON object.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> from cockpit.logreader import read_meta
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> run = Path(tmp.name) / "sgd"
+        >>> with LogWriter(run, {"tags": {"lr": 0.1}}) as writer:
+        ...     for step in range(3):
+        ...         writer.add_scalars(step, [("loss", "loss", "all", 1.0 / (step + 1)),
+        ...                                   ("grad_norm", "grad_norm", "0.weight", 0.5)])
+        >>> meta = read_meta(run)
+        >>> meta["run_id"], meta["tags"], meta["schema_version"]
+        ('sgd', {'lr': 0.1}, 1)
+        >>> tmp.cleanup()
     """
     path = Path(run_dir) / META_FILE
     try:
@@ -313,6 +329,28 @@ def read_log(
     Raises:
         FileNotFoundError: If ``run_dir`` does not exist.
         SchemaVersionError: If the run was written by a newer schema version.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> from cockpit.logreader import read_log
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> run = Path(tmp.name) / "sgd"
+        >>> with LogWriter(run) as writer:
+        ...     for step in range(3):
+        ...         writer.add_scalars(step, [("loss", "loss", "all", 1.0 / (step + 1)),
+        ...                                   ("grad_norm", "grad_norm", "0.weight", 0.5)])
+        >>> df = read_log(run, since_step=1)
+        >>> for row in df.itertuples():
+        ...     print(row.step, row.instrument, row.metric, row.param, round(row.value, 3))
+        1 loss loss all 0.5
+        1 grad_norm grad_norm 0.weight 0.5
+        2 loss loss all 0.333
+        2 grad_norm grad_norm 0.weight 0.5
+        >>> read_log(run, instruments="loss").value.round(3).tolist()
+        [1.0, 0.5, 0.333]
+        >>> tmp.cleanup()
     """
     run_dir = _check_run(run_dir)
     filter_expr = None
@@ -344,6 +382,22 @@ def read_histograms(
         edges_1``, sorted by step: ``shape`` is a tuple, ``counts`` a numpy
         array of that shape, the edges 1D numpy arrays (``edges_1`` is empty
         for 1D histograms).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> import numpy as np
+        >>> from cockpit.logreader import read_histograms
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> run = Path(tmp.name) / "run"
+        >>> counts, edges = np.histogram([0.1, 0.2, -0.5], bins=4, range=(-1, 1))
+        >>> with LogWriter(run) as writer:
+        ...     writer.add_histogram(0, "grad_hist_1d", "all", counts, [edges])
+        >>> h = read_histograms(run, instrument="grad_hist_1d").iloc[0]
+        >>> h["shape"], h.counts.tolist(), h.edges_0.tolist(), len(h.edges_1)
+        ((4,), [0.0, 1.0, 2.0, 0.0], [-1.0, -0.5, 0.0, 0.5, 1.0], 0)
+        >>> tmp.cleanup()
     """
     run_dir = _check_run(run_dir)
     filters = []
@@ -364,6 +418,19 @@ def read_events(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Read the events of a run: columns ``step, wall_time, level, instrument, message``.
 
     Rows are in the order they were logged (``wall_time`` order).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> from cockpit.logreader import read_events
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> run = Path(tmp.name) / "run"
+        >>> with LogWriter(run) as writer:
+        ...     writer.add_event("warning", "loss is NaN", step=7, instrument="loss")
+        >>> read_events(run)[["step", "level", "instrument", "message"]].values.tolist()
+        [[7, 'warning', 'loss', 'loss is NaN']]
+        >>> tmp.cleanup()
     """
     run_dir = _check_run(run_dir)
     table = _read_table(run_dir, "events")
@@ -379,6 +446,20 @@ def run_status(run_dir: str | os.PathLike) -> str:
     process, ``"crashed"`` otherwise.
 
     A ``LOCK`` written on another host counts as live: its process cannot be checked.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> from cockpit.logreader import run_status
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> writer = LogWriter(Path(tmp.name) / "run")
+        >>> run_status(Path(tmp.name) / "run")  # LOCK names this live process
+        'live'
+        >>> writer.close()
+        >>> run_status(Path(tmp.name) / "run")  # END written
+        'finished'
+        >>> tmp.cleanup()
     """
     from cockpit.logwriter import _lock_is_stale, _read_lock
 
@@ -412,6 +493,20 @@ def list_runs(root: str | os.PathLike) -> pd.DataFrame:
     Raises:
         FileNotFoundError: If ``root`` does not exist.
         NotADirectoryError: If ``root`` is not a directory.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> from cockpit.logreader import list_runs
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> for name, steps in [("adam", 2), ("sgd", 5)]:
+        ...     with LogWriter(Path(tmp.name) / name, {"tags": {"opt": name}}) as writer:
+        ...         for step in range(steps):
+        ...             writer.add_scalar(step, "loss", "loss", "all", 1.0)
+        >>> list_runs(tmp.name)[["run_id", "status", "steps", "tags"]].values.tolist()
+        [['adam', 'finished', 2, {'opt': 'adam'}], ['sgd', 'finished', 5, {'opt': 'sgd'}]]
+        >>> tmp.cleanup()
     """
     root = Path(root)
     if not root.exists():
@@ -499,11 +594,29 @@ class LogTail:
         run_dir: The run directory.
         table: ``"scalars"``, ``"histograms"`` or ``"events"``.
 
-    Example::
+    Example:
+        Follow a live run: each call returns only what was written since the last one.
 
-        tail = LogTail(run_dir)
-        while training:
-            new_rows = tail.read_new()  # empty DataFrame when nothing is new
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logreader import LogTail
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> run = Path(tmp.name) / "run"
+        >>> tail = LogTail(run)  # the run need not exist yet
+        >>> len(tail.read_new())  # an empty DataFrame when nothing is new
+        0
+        >>> writer = LogWriter(run)
+        >>> for step in range(3):
+        ...     writer.add_scalar(step, "loss", "loss", "all", 1.0)
+        ...     writer.flush()  # one segment per step
+        >>> tail.read_new().step.tolist(), tail.cursor  # cursor: the last segment read
+        ([0, 1, 2], 2)
+        >>> writer.add_scalar(3, "loss", "loss", "all", 0.5)
+        >>> writer.close()
+        >>> tail.read_new().step.tolist()
+        [3]
+        >>> tmp.cleanup()
     """
 
     def __init__(self, run_dir: str | os.PathLike, table: str = "scalars") -> None:
