@@ -211,11 +211,15 @@ class Result:
 # Figure helpers
 # --------------------------------------------------------------------------------------------
 def _plain_trace(trace: Any) -> dict[str, Any]:
-    """A trace as a dict; arrays (Plotly would base64-encode them) become plain lists."""
+    """A trace as a dict; arrays (Plotly would base64-encode them) become plain lists.
+
+    Non-finite floats become ``None`` here: one NaN anywhere in an answer makes Plotly's JSON
+    encoder decode and re-encode the whole answer to turn it into ``null``.
+    """
     out = trace.to_plotly_json()
     for key, value in out.items():
         if isinstance(value, np.ndarray) or (isinstance(value, dict) and "bdata" in value):
-            out[key] = np.asarray(trace[key]).tolist()  # NaN becomes null in Plotly's JSON
+            out[key] = _plain_list(np.asarray(trace[key]))
     return out
 
 
@@ -282,8 +286,14 @@ def _xy(rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None, x: str):
 
 
 def _plain_list(values: np.ndarray) -> list:
+    """Nested lists of ``values``; non-finite floats become ``None`` (JSON ``null``)."""
+    if values.dtype.kind not in "fc":
+        return values.tolist()
+    finite = np.isfinite(values)
+    if finite.all():
+        return values.tolist()
     out = values.astype(object)
-    out[~np.isfinite(values)] = None
+    out[~finite] = None
     return out.tolist()
 
 

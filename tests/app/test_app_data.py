@@ -636,6 +636,25 @@ def test_fast_extension_equals_the_reference(root):
         w.close()
 
 
+def test_a_full_build_sends_no_nan_so_the_json_is_encoded_once(root):
+    """Plotly's encoder decodes and re-encodes a whole answer that contains a NaN."""
+    from app.callbacks import Updater, View
+
+    with writer(root / "r") as w:
+        write_steps(w, range(30))
+        w.add_scalars(30, [("loss", "loss", "all", float("nan"))])  # a gap in a line
+        empty_bins = np.zeros(20)
+        empty_bins[3] = 5.0  # log colour: empty bins are blank cells
+        w.add_histogram(30, "grad_hist_1d", "all", empty_bins, [np.linspace(-2, 2, 21)])
+    cache = LogCache(root)
+    updater = Updater(cache, panel_catalog())
+    for smoothing in (0.0, 0.6):
+        view = View(runs=("r",), focus="r", smoothing=smoothing, layer=PARAMS[0])
+        result = updater.full(view)
+        text = json.dumps(list(result.figures.values()), allow_nan=False)  # raises on NaN
+        assert "null" in text  # the gaps and blank cells are still there, as null
+
+
 def test_focus_change_rebuilds_only_single_run_panels_and_snapshots_are_throttled(root):
     for name in ("a", "b"):
         with writer(root / name) as w:
