@@ -105,6 +105,21 @@ class ActivationRule:
             input ``z`` (likewise kept by autograd for these modules).
         second_derivative: ``f(module, value) -> φ''`` from ``y`` or ``z``; None: obtained
             by double differentiation of the module itself.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.func import grad, vmap
+        >>> from cockpit.curvature import activation_rule
+        >>> rule = activation_rule(nn.Tanh())
+        >>> rule.from_output  # φ''(z) = -2 y (1 - y²) from the output y = tanh(z)
+        True
+        >>> z = torch.linspace(-2, 2, 5, dtype=torch.float64)  # any shape, elementwise
+        >>> phi2 = rule.second_derivative(nn.Tanh(), torch.tanh(z))
+        >>> torch.allclose(phi2, vmap(grad(grad(torch.tanh)))(z))
+        True
+        >>> activation_rule(nn.GELU()).second_derivative is None  # double differentiation
+        True
     """
 
     from_output: bool
@@ -138,6 +153,16 @@ def activation_rule(module: nn.Module) -> ActivationRule | None:
     """The rule of a supported elementwise activation module (exact type), or None.
 
     In-place modules (``inplace=True``) overwrite their input and are not supported.
+
+    Example:
+        >>> from torch import nn
+        >>> from cockpit.curvature import activation_rule
+        >>> activation_rule(nn.Sigmoid()) is not None
+        True
+        >>> activation_rule(nn.ReLU()) is None  # piecewise linear: no residual term
+        True
+        >>> activation_rule(nn.SiLU(inplace=True)) is None  # overwrites its input
+        True
     """
     rule = _ACTIVATIONS.get(type(module))
     if rule is None or getattr(module, "inplace", False):
@@ -180,6 +205,24 @@ def column_factors(
 
     Returns:
         ``{local parameter name: ColumnFactor}``.
+
+    Example:
+        K output-gradient columns through a linear layer; the diagonal curvature is their
+        second moment over the K·N pseudo-samples:
+
+        >>> import torch
+        >>> from cockpit.curvature import column_factors
+        >>> from cockpit.layers import find_rule
+        >>> layer = torch.nn.Linear(3, 2).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)  # [N, D_in]
+        >>> cols = torch.randn(5, 4, 2, dtype=torch.float64)  # [K, N, D_out]
+        >>> wanted = frozenset({"weight", "bias"})
+        >>> fs = column_factors(find_rule(layer).fn, layer, (x,), {}, [cols], wanted)
+        >>> sorted(fs), fs["weight"].k, fs["weight"].n
+        (['bias', 'weight'], 5, 4)
+        >>> diag = fs["weight"].sum_of_squares()  # [D_out, D_in]
+        >>> torch.allclose(diag, torch.einsum("kno,ni->oi", cols**2, x**2))
+        True
     """
     k = next(g.shape[0] for g in grads if g is not None)
     if k == 1:  # no vmap needed
@@ -325,6 +368,17 @@ class GraphReport:
         nodes: ``{sequence number: node}`` of every non-leaf node reachable.
         reasons: Why the Hessian diagonal is not provably ``GGN + residuals`` (empty:
             it is): one line per kind of offending node, naming up to three places.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from cockpit.curvature import analyze_graph
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> report = analyze_graph(model(torch.randn(5, 3)).grad_fn, param_bits={})
+        >>> sorted(type(n).__name__ for n in report.nodes.values())
+        ['AddmmBackward0', 'AddmmBackward0', 'ReluBackward0', 'TBackward0', 'TBackward0']
+        >>> report.reasons  # piecewise linear: the Hessian diagonal is the GGN's
+        []
     """
 
     nodes: dict[int, object]
@@ -350,6 +404,16 @@ def analyze_graph(
 
     Returns:
         A :class:`GraphReport`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from cockpit.curvature import analyze_graph
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        >>> bits = {id(p): 1 << i for i, p in enumerate(model.parameters())}
+        >>> report = analyze_graph(model(torch.randn(5, 3)).grad_fn, bits)
+        >>> report.reasons  # so DiagHessian falls back to Hutchinson, with this warning
+        ['NativeLayerNormBackward0: nonlinear operation (second derivatives not covered ...)']
     """
     activations = activations or {}
     module_of = module_of or {}
@@ -480,6 +544,42 @@ class CurvaturePass:
             :class:`~cockpit.quantities.DiagHessian` keys.
         engine: The :class:`~cockpit.engine.Engine` (for its records and helpers).
         n: Batch size N.
+
+    Example:
+        The engine creates one per armed backward pass and forwards its hook events; a
+        traced subclass shows their order for a tanh network:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from unittest import mock
+        >>> import cockpit.engine
+        >>> from cockpit import Engine
+        >>> from cockpit.curvature import CurvaturePass
+        >>> from cockpit.quantities import DiagHessian
+        >>> events = []
+        >>> class Traced(CurvaturePass):
+        ...     def on_loss_grad(self):
+        ...         events.append("on_loss_grad")  # GGN: columns of the loss-Hessian root
+        ...         super().on_loss_grad()
+        ...     def on_activation_grad(self, act, grad):
+        ...         events.append(f"on_activation_grad({type(act.module).__name__})")
+        ...         super().on_activation_grad(act, grad)  # residual terms
+        ...     def finish(self, result):
+        ...         events.append("finish")  # writes the diagonals into result
+        ...         super().finish(result)
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> loss_fn = nn.CrossEntropyLoss()
+        >>> x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+        >>> with Engine(model, loss_fn) as engine:
+        ...     with mock.patch.object(cockpit.engine, "CurvaturePass", Traced):
+        ...         loss = loss_fn(model(x), y)
+        ...         with engine.gather([DiagHessian()]) as result:
+        ...             loss.backward()
+        >>> events
+        ['on_loss_grad', 'on_activation_grad(Tanh)', 'finish']
+        >>> result.notes[DiagHessian()]
+        'exact: diagonal GGN + activation residual terms'
     """
 
     def __init__(self, requests: Iterable[Quantity], engine, n: int) -> None:
