@@ -58,6 +58,12 @@ class EmaState(TypedDict):
         last: The biased accumulator after the last finite value (TensorBoard's ``last``).
         count: How many finite values have been folded in.
 
+    Example:
+        >>> from app.transforms import ema_with_state
+        >>> _, state = ema_with_state([1.0, 2.0, float("nan")], smoothing=0.5)
+        >>> state  # NaN is skipped: two values folded in
+        {'last': 1.25, 'count': 2}
+
     """
 
     last: float
@@ -72,6 +78,24 @@ class HistRecord(NamedTuple):
         counts: ``[B]`` (1D) or ``[B_g, B_p]`` (2D, gradient bins × parameter bins) counts.
         edges_0: Gradient-bin edges, ``B + 1`` or ``B_g + 1`` values.
         edges_1: Parameter-bin edges, ``B_p + 1`` values (empty for 1D).
+
+    Example:
+        >>> import numpy as np
+        >>> import pandas as pd
+        >>> edges = np.linspace(-1.0, 1.0, 5)  # 4 bins
+        >>> hists = pd.DataFrame({  # histograms in the log schema
+        ...     "step": [0, 0, 1, 1],
+        ...     "instrument": ["grad_hist_1d"] * 4,
+        ...     "param": ["all", "0.weight", "all", "0.weight"],
+        ...     "counts": [np.array([1.0, 2, 2, 1]), np.array([0.0, 1, 1, 0]),
+        ...                np.array([0.0, 3, 3, 0]), np.array([0.0, 2, 2, 0])],
+        ...     "edges_0": [edges] * 4,
+        ...     "edges_1": [np.empty(0)] * 4,
+        ... })
+        >>> from app.transforms import latest_hist
+        >>> rec = latest_hist(hists, "grad_hist_1d", "0.weight")
+        >>> rec.step, rec.counts.tolist(), rec.edges_0.tolist(), rec.edges_1.size
+        (1, [0.0, 2.0, 2.0, 0.0], [-1.0, -0.5, 0.0, 0.5, 1.0], 0)
 
     """
 
@@ -130,6 +154,17 @@ def ema_with_state(
     Raises:
         ValueError: If ``smoothing`` is outside ``[0, 1)``.
 
+    Example:
+        Smoothing a series in two chunks gives the same as smoothing it at once:
+
+        >>> import numpy as np
+        >>> from app.transforms import debiased_ema, ema_with_state
+        >>> y = np.array([1.0, 3.0, np.nan, 2.0, 5.0, 4.0])
+        >>> first, state = ema_with_state(y[:3], 0.6)
+        >>> rest, _ = ema_with_state(y[3:], 0.6, state)
+        >>> np.allclose(np.concatenate([first, rest]), debiased_ema(y, 0.6), equal_nan=True)
+        True
+
     """
     w = _check_smoothing(smoothing)
     y = np.array(values, dtype=np.float64, copy=True).reshape(-1)
@@ -163,6 +198,14 @@ def debiased_ema(values: ArrayLike, smoothing: float) -> np.ndarray:
 
     Raises:
         ValueError: If ``smoothing`` is outside ``[0, 1)``.
+
+    Example:
+        >>> import numpy as np
+        >>> from app.transforms import debiased_ema
+        >>> debiased_ema([2.0, 2.0, np.nan, 2.0], 0.9).tolist()  # debiased: no pull towards 0
+        [2.0, 2.0, nan, 2.0]
+        >>> debiased_ema([0.0, 1.0], 0.5).round(4).tolist()  # (0.5·0 + 1) / (1 + 0.5)
+        [0.0, 0.6667]
 
     """
     return ema_with_state(values, smoothing)[0]
@@ -200,6 +243,15 @@ def minmax_indices(y: ArrayLike, max_points: int) -> np.ndarray:
 
     Raises:
         ValueError: If ``max_points < 4``.
+
+    Example:
+        >>> import numpy as np
+        >>> from app.transforms import minmax_indices
+        >>> y = np.zeros(1000)
+        >>> y[[137, 700]] = [5.0, -3.0]  # two spikes
+        >>> idx = minmax_indices(y, max_points=10)
+        >>> len(idx) <= 10, {0, 137, 700, 999} <= set(idx.tolist())
+        (True, True)
 
     """
     if max_points < 4:
@@ -240,6 +292,17 @@ def downsample_minmax(x: ArrayLike, y: ArrayLike, max_points: int) -> tuple[np.n
 
     Raises:
         ValueError: If the lengths differ or ``max_points < 4``.
+
+    Example:
+        >>> import numpy as np
+        >>> from app.transforms import downsample_minmax
+        >>> x = np.arange(10_000)
+        >>> y = np.sin(x / 500.0)
+        >>> xs, ys = downsample_minmax(x, y, max_points=100)
+        >>> len(xs) <= 100, bool(ys.max() == y.max()), bool(ys.min() == y.min())
+        (True, True, True)
+        >>> int(xs[0]), int(xs[-1])  # the x range survives
+        (0, 9999)
 
     """
     x = np.asarray(x).reshape(-1)
@@ -282,6 +345,23 @@ def series(
     Raises:
         ValueError: If ``x`` is not ``"step"`` or ``"wall_time"``.
 
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({  # scalars in the log schema
+        ...     "step": [0, 1, 2, 3, 0, 1],
+        ...     "wall_time": [10.0, 11.0, 12.0, 13.0, 10.0, 11.0],
+        ...     "instrument": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "metric": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "param": ["all"] * 4 + ["group10", "group2"],
+        ...     "value": [1.0, 0.5, float("nan"), 0.25, 3.0, 4.0],
+        ... })
+        >>> from app.transforms import series
+        >>> steps, values = series(df, "loss")  # metric defaults to the instrument, param "all"
+        >>> steps.tolist(), values.tolist()  # NaN kept: the plotted line gets a gap
+        ([0.0, 1.0, 2.0, 3.0], [1.0, 0.5, nan, 0.25])
+        >>> series(df, "grad_norm", param="group2")[1].tolist()
+        [4.0]
+
     """
     _check_x(x)
     empty = (np.empty(0, dtype=np.float64), np.empty(0, dtype=np.float64))
@@ -318,6 +398,21 @@ def tail_values(
     Returns:
         ``(steps, values)`` float64 arrays, sorted by step, finite values only.
 
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({  # scalars in the log schema
+        ...     "step": [0, 1, 2, 3, 0, 1],
+        ...     "wall_time": [10.0, 11.0, 12.0, 13.0, 10.0, 11.0],
+        ...     "instrument": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "metric": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "param": ["all"] * 4 + ["group10", "group2"],
+        ...     "value": [1.0, 0.5, float("nan"), 0.25, 3.0, 4.0],
+        ... })
+        >>> from app.transforms import tail_values
+        >>> steps, values = tail_values(df, "loss", window=2)  # finite values only
+        >>> steps.tolist(), values.tolist()
+        ([1.0, 3.0], [0.5, 0.25])
+
     """
     steps, values = series(df, instrument, metric, param, "step")
     finite = np.isfinite(values)
@@ -341,6 +436,20 @@ def latest_value(
     Returns:
         The latest finite value, or ``None`` when there is none.
 
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({  # scalars in the log schema
+        ...     "step": [0, 1, 2, 3, 0, 1],
+        ...     "wall_time": [10.0, 11.0, 12.0, 13.0, 10.0, 11.0],
+        ...     "instrument": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "metric": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "param": ["all"] * 4 + ["group10", "group2"],
+        ...     "value": [1.0, 0.5, float("nan"), 0.25, 3.0, 4.0],
+        ... })
+        >>> from app.transforms import latest_value
+        >>> latest_value(df, "loss"), latest_value(df, "alpha")
+        (0.25, None)
+
     """
     _, values = tail_values(df, instrument, metric, param, window=1)
     return float(values[-1]) if values.size else None
@@ -354,6 +463,11 @@ def natural_key(name: str) -> tuple:
 
     Returns:
         A tuple usable as a sort key.
+
+    Example:
+        >>> from app.transforms import natural_key
+        >>> sorted(["group10", "group2", "layers.10.weight", "layers.9.weight"], key=natural_key)
+        ['group2', 'group10', 'layers.9.weight', 'layers.10.weight']
 
     """
     return tuple(
@@ -373,6 +487,20 @@ def metrics_of(df: pd.DataFrame | None, instrument: str) -> list[str]:
     Returns:
         The distinct metric names.
 
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({  # scalars in the log schema
+        ...     "step": [0, 1, 2, 3, 0, 1],
+        ...     "wall_time": [10.0, 11.0, 12.0, 13.0, 10.0, 11.0],
+        ...     "instrument": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "metric": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "param": ["all"] * 4 + ["group10", "group2"],
+        ...     "value": [1.0, 0.5, float("nan"), 0.25, 3.0, 4.0],
+        ... })
+        >>> from app.transforms import metrics_of
+        >>> metrics_of(df, "loss"), metrics_of(None, "loss")
+        (['loss'], [])
+
     """
     if df is None or df.empty:
         return []
@@ -390,6 +518,20 @@ def params_of(df: pd.DataFrame | None, instrument: str, metric: str | None = Non
 
     Returns:
         The distinct parameter names.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({  # scalars in the log schema
+        ...     "step": [0, 1, 2, 3, 0, 1],
+        ...     "wall_time": [10.0, 11.0, 12.0, 13.0, 10.0, 11.0],
+        ...     "instrument": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "metric": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "param": ["all"] * 4 + ["group10", "group2"],
+        ...     "value": [1.0, 0.5, float("nan"), 0.25, 3.0, 4.0],
+        ... })
+        >>> from app.transforms import params_of
+        >>> params_of(df, "grad_norm")  # natural order
+        ['group2', 'group10']
 
     """
     if df is None or df.empty:
@@ -412,6 +554,14 @@ def as_counts(obj: object) -> np.ndarray:
 
     Returns:
         A float64 ndarray.
+
+    Example:
+        >>> import numpy as np
+        >>> from app.transforms import as_counts
+        >>> rows = np.empty(2, dtype=object)  # how Parquet may return a 2D histogram
+        >>> rows[0], rows[1] = [1, 2, 3], [4, 5, 6]
+        >>> as_counts(rows).shape, as_counts(rows).dtype
+        ((2, 3), dtype('float64'))
 
     """
     arr = np.asarray(obj)
@@ -457,6 +607,26 @@ def latest_hist(
     Returns:
         The latest record, or ``None`` if there is none.
 
+    Example:
+        >>> import numpy as np
+        >>> import pandas as pd
+        >>> edges = np.linspace(-1.0, 1.0, 5)  # 4 bins
+        >>> hists = pd.DataFrame({  # histograms in the log schema
+        ...     "step": [0, 0, 1, 1],
+        ...     "instrument": ["grad_hist_1d"] * 4,
+        ...     "param": ["all", "0.weight", "all", "0.weight"],
+        ...     "counts": [np.array([1.0, 2, 2, 1]), np.array([0.0, 1, 1, 0]),
+        ...                np.array([0.0, 3, 3, 0]), np.array([0.0, 2, 2, 0])],
+        ...     "edges_0": [edges] * 4,
+        ...     "edges_1": [np.empty(0)] * 4,
+        ... })
+        >>> from app.transforms import latest_hist
+        >>> rec = latest_hist(hists, "grad_hist_1d")  # param "all"
+        >>> rec.step, rec.counts.tolist()
+        (1, [0.0, 3.0, 3.0, 0.0])
+        >>> latest_hist(hists, "grad_hist_2d") is None
+        True
+
     """
     rows = _hist_rows(hists, instrument, param)
     return None if rows.empty else _record(rows.iloc[-1])
@@ -474,6 +644,24 @@ def latest_hists_by_param(
 
     Returns:
         ``{param: HistRecord}``, ordered like the model's parameters were logged.
+
+    Example:
+        >>> import numpy as np
+        >>> import pandas as pd
+        >>> edges = np.linspace(-1.0, 1.0, 5)  # 4 bins
+        >>> hists = pd.DataFrame({  # histograms in the log schema
+        ...     "step": [0, 0, 1, 1],
+        ...     "instrument": ["grad_hist_1d"] * 4,
+        ...     "param": ["all", "0.weight", "all", "0.weight"],
+        ...     "counts": [np.array([1.0, 2, 2, 1]), np.array([0.0, 1, 1, 0]),
+        ...                np.array([0.0, 3, 3, 0]), np.array([0.0, 2, 2, 0])],
+        ...     "edges_0": [edges] * 4,
+        ...     "edges_1": [np.empty(0)] * 4,
+        ... })
+        >>> from app.transforms import latest_hists_by_param
+        >>> by_param = latest_hists_by_param(hists, "grad_hist_1d")  # "all" left out
+        >>> list(by_param), by_param["0.weight"].step
+        (['0.weight'], 1)
 
     """
     rows = _hist_rows(hists, instrument, None)
@@ -500,6 +688,24 @@ def hist_history(
     Returns:
         ``(steps, counts_list, edges)`` with the latest histogram's gradient-bin edges.
 
+    Example:
+        >>> import numpy as np
+        >>> import pandas as pd
+        >>> edges = np.linspace(-1.0, 1.0, 5)  # 4 bins
+        >>> hists = pd.DataFrame({  # histograms in the log schema
+        ...     "step": [0, 0, 1, 1],
+        ...     "instrument": ["grad_hist_1d"] * 4,
+        ...     "param": ["all", "0.weight", "all", "0.weight"],
+        ...     "counts": [np.array([1.0, 2, 2, 1]), np.array([0.0, 1, 1, 0]),
+        ...                np.array([0.0, 3, 3, 0]), np.array([0.0, 2, 2, 0])],
+        ...     "edges_0": [edges] * 4,
+        ...     "edges_1": [np.empty(0)] * 4,
+        ... })
+        >>> from app.transforms import hist_history
+        >>> steps, counts, edges = hist_history(hists, "grad_hist_1d", "all")
+        >>> steps.tolist(), np.stack(counts).shape, edges.tolist()  # [T, B] for the heatmap
+        ([0, 1], (2, 4), [-1.0, -0.5, 0.0, 0.5, 1.0])
+
     """
     rows = _hist_rows(hists, instrument, param)
     if rows.empty:
@@ -525,6 +731,11 @@ def bin_centers(edges: ArrayLike) -> np.ndarray:
     Returns:
         ``B`` centres.
 
+    Example:
+        >>> from app.transforms import bin_centers
+        >>> bin_centers([-1.0, -0.5, 0.0, 0.5, 1.0]).tolist()
+        [-0.75, -0.25, 0.25, 0.75]
+
     """
     e = np.asarray(edges, dtype=np.float64)
     return 0.5 * (e[1:] + e[:-1])
@@ -547,6 +758,13 @@ def edge_mass(counts: ArrayLike) -> float:
     Returns:
         The fraction in ``[0, 1]``, NaN for an empty histogram.
 
+    Example:
+        >>> from app.transforms import edge_mass
+        >>> edge_mass([40, 5, 5, 50])  # most gradients beyond the range: unnormalized inputs?
+        0.9
+        >>> edge_mass([[1, 1], [3, 3], [1, 1]])  # 2D: gradient bins × parameter bins
+        0.4
+
     """
     g = _gradient_marginal(counts)
     total = g.sum()
@@ -567,6 +785,12 @@ def central_mass(counts: ArrayLike, edges: ArrayLike) -> float:
 
     Returns:
         The fraction in ``[0, 1]``; NaN for an empty histogram or when 0 lies outside the range.
+
+    Example:
+        >>> from app.transforms import central_mass
+        >>> edges = [-1.0, -0.5, 0.0, 0.5, 1.0]  # 0 is an edge: the two bins touching it
+        >>> central_mass([1, 44, 50, 5], edges)  # piled up at zero: vanishing gradients?
+        0.94
 
     """
     g = _gradient_marginal(counts)
@@ -607,6 +831,24 @@ def csv_of(
 
     Returns:
         CSV with header ``run,<x>,value,smoothed`` and one line per point.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({  # scalars in the log schema
+        ...     "step": [0, 1, 2, 3, 0, 1],
+        ...     "wall_time": [10.0, 11.0, 12.0, 13.0, 10.0, 11.0],
+        ...     "instrument": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "metric": ["loss"] * 4 + ["grad_norm"] * 2,
+        ...     "param": ["all"] * 4 + ["group10", "group2"],
+        ...     "value": [1.0, 0.5, float("nan"), 0.25, 3.0, 4.0],
+        ... })
+        >>> from app.transforms import csv_of
+        >>> print(csv_of({"sgd": df}, "loss", smoothing=0.5), end="")
+        run,step,value,smoothed
+        sgd,0,1.0,1.0
+        sgd,1,0.5,0.6666666666666666
+        sgd,2,,
+        sgd,3,0.25,0.42857142857142855
 
     """
     if isinstance(runs, pd.DataFrame):
