@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import cockpit.layers.conv as conv_rules
 from cockpit.engine import Engine
 from cockpit.layers import find_rule
 from cockpit.layers.conv import unfold
@@ -67,9 +68,13 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["grouped", "unfold"])
 @pytest.mark.parametrize("kw", CONV_CASES, ids=str)
 @pytest.mark.parametrize("dim", [1, 2, 3])
-def test_conv(dim, kw):
+def test_conv(dim, kw, path, monkeypatch):
+    # individual gradients from one grouped weight-gradient conv, or unfolded patches
+    threshold = 1 if path == "grouped" else 10**9
+    monkeypatch.setattr(conv_rules, "GROUPED_MIN_POSITIONS", threshold)
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
     size = {1: (9,), 2: (7, 6), 3: (5, 6, 4)}[dim]
     kernel = {1: 3, 2: (3, 2), 3: (2, 3, 2)}[dim]
