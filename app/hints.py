@@ -65,6 +65,18 @@ class Hint:
         text: The hint, one or two plain sentences with the numbers behind it.
         rule: Stable id of the rule that fired (e.g. ``"alpha_high"``), for keys and tests.
 
+    Example:
+        >>> import pandas as pd
+        >>> from app.hints import Hint, HintThresholds, hints
+        >>> df = pd.DataFrame({  # six tracked steps with α around 0.7
+        ...     "step": range(6), "wall_time": 0.0, "instrument": "alpha", "metric": "alpha",
+        ...     "param": "all", "value": [0.6, 0.7, 0.8, 0.7, 0.6, 0.7],
+        ... })
+        >>> [h.rule for h in hints(df)]
+        ['alpha_high']
+        >>> hints(df)[0].level, hints(df)[0].instrument
+        ('warning', 'alpha')
+
     """
 
     level: Level
@@ -93,6 +105,18 @@ class HintThresholds:
             vanished.
         ev_rise: Ratio of late to early max-eigenvalue medians counted as rising.
         loss_flat: Largest late/early ratio of loss medians counted as "not risen yet".
+
+    Example:
+        >>> import pandas as pd
+        >>> from app.hints import Hint, HintThresholds, hints
+        >>> df = pd.DataFrame({  # six tracked steps with α around 0.7
+        ...     "step": range(6), "wall_time": 0.0, "instrument": "alpha", "metric": "alpha",
+        ...     "param": "all", "value": [0.6, 0.7, 0.8, 0.7, 0.6, 0.7],
+        ... })
+        >>> len(hints(df, thresholds=HintThresholds(alpha_high=0.8)))  # a more tolerant reader
+        0
+        >>> hints(df, thresholds=HintThresholds(min_points=10))  # too few tracked values yet
+        []
 
     """
 
@@ -381,6 +405,35 @@ def hints(
 
     Returns:
         The hints that fire, warnings first, then in rule order.
+
+    Example:
+        A full-batch linear regression trained with a learning rate that is too large:
+
+        >>> import tempfile
+        >>> import torch
+        >>> from app.hints import hints
+        >>> from cockpit import Cockpit
+        >>> from cockpit.logreader import read_log
+        >>> _ = torch.manual_seed(0)
+        >>> model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+        >>> x = torch.randn(32, 3).double()  # [N, D_in]
+        >>> y = x @ torch.tensor([[1.0], [-2.0], [0.5]]).double()  # [N, 1]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.9)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     with Cockpit(model, loss_fn, opt, ["alpha", "loss"], logdir=tmp) as cockpit:
+        ...         for step in range(7):
+        ...             opt.zero_grad()
+        ...             loss = loss_fn(model(x), y)
+        ...             with cockpit.step(step, loss):
+        ...                 loss.backward()
+        ...             opt.step()
+        ...     df = read_log(tmp)
+        >>> [(hint.level, hint.rule) for hint in hints(df)]
+        [('warning', 'alpha_high')]
+        >>> import textwrap
+        >>> print(textwrap.fill(hints(df)[0].text, 80))
+        Median α = 1.40 over the last 6 tracked steps: steps overshoot the local minimum
+        (α ≈ +1 or above). The learning rate is probably too large.
 
     """
     th = thresholds or HintThresholds()
