@@ -153,6 +153,13 @@ def run_colors(names: Iterable[str]) -> dict[str, str]:
     Returns:
         ``{name: "#RRGGBB"}``.
 
+    Example:
+        >>> from app.figures import run_colors
+        >>> run_colors(["sgd", "adam"])
+        {'adam': '#FF7F0E', 'sgd': '#1F77B4'}
+        >>> run_colors(["sgd", "adam", "rmsprop"])  # a new run keeps the others' colours
+        {'adam': '#FF7F0E', 'rmsprop': '#17BECF', 'sgd': '#1F77B4'}
+
     """
     colors: dict[str, str] = {}
     used: set[int] = set()
@@ -219,6 +226,12 @@ def empty_figure(text: str = "no data yet", title: str | None = None) -> go.Figu
 
     Returns:
         The figure, axes hidden.
+
+    Example:
+        >>> from app.figures import empty_figure
+        >>> fig = empty_figure("not tracked", title="Hessian trace")
+        >>> [a.text for a in fig.layout.annotations], len(fig.data)
+        (['not tracked'], 0)
 
     """
     layout = _base_layout(title, uirevision=f"empty|{title}")
@@ -488,6 +501,20 @@ def line_figure(
     Returns:
         The figure, with the extension state in ``layout.meta``.
 
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"step": range(4), "wall_time": 0.0, "instrument": "loss",
+        ...                    "metric": "loss", "param": "all", "value": [1.0, 0.8, 0.5, 0.4]})
+        >>> import numpy as np
+        >>> from app.figures import line_figure
+        >>> fig = line_figure({"sgd": df}, "loss", smoothing=0.5)
+        >>> [t["role"] for t in fig.layout.meta["traces"]]  # faint raw line, then the EMA
+        ['raw', 'smooth']
+        >>> np.round(fig.data[1].y, 3).tolist()
+        [1.0, 0.867, 0.657, 0.52]
+        >>> line_figure({"sgd": df}, "hess_trace", tracked=False).layout.annotations[0].text
+        'not tracked'
+
     """
     metric = instrument if metric is None else metric
     line = _Line(instrument, metric, param)
@@ -535,6 +562,22 @@ def tests_history_figure(
 
     Returns:
         The figure (line-type: extend with :func:`extend_lines`).
+
+    Example:
+        >>> import pandas as pd
+        >>> def rows(instrument, values, metric=None, param="all"):  # scalars, log schema
+        ...     return pd.DataFrame({"step": range(len(values)), "wall_time": 0.0,
+        ...                          "instrument": instrument, "metric": metric or instrument,
+        ...                          "param": param, "value": values})
+        >>> import numpy as np
+        >>> from app.figures import tests_history_figure
+        >>> df = pd.concat([rows("norm_test", [1.2, 1.0]), rows("inner_test", [0.5, 0.4]),
+        ...                 rows("ortho_test", [2.0, 1.5])])
+        >>> fig = tests_history_figure({"sgd": df})
+        >>> len(fig.data), np.asarray(fig.data[0].y).tolist()  # one row per test
+        (3, [1.2, 1.0])
+        >>> sorted(round(s.y0, 2) for s in fig.layout.shapes)  # the dashed reference thresholds
+        [0.9, 0.9, 5.67]
 
     """
     lines = [_Line(t, t, row=i + 1) for i, t in enumerate(_TESTS)]
@@ -586,6 +629,20 @@ def batch_size_figure(
 
     Returns:
         The figure (line-type: extend with :func:`extend_lines`).
+
+    Example:
+        >>> import pandas as pd
+        >>> def rows(instrument, values, metric=None, param="all"):  # scalars, log schema
+        ...     return pd.DataFrame({"step": range(len(values)), "wall_time": 0.0,
+        ...                          "instrument": instrument, "metric": metric or instrument,
+        ...                          "param": param, "value": values})
+        >>> import numpy as np
+        >>> from app.figures import batch_size_figure
+        >>> df = pd.concat([rows("batch_size", [40.0, 60.0], "norm_test"),
+        ...                 rows("hyperparameters", [32.0, 32.0], "batch_size")])
+        >>> fig = batch_size_figure({"sgd": df})
+        >>> [(t.name, np.asarray(t.y).tolist()) for t in fig.data[:2]]  # above the actual: grow
+        [('sgd', [40.0, 60.0]), ('sgd · actual', [32.0, 32.0])]
 
     """
     lines: list[_Line] = []
@@ -640,6 +697,18 @@ def hyperparameter_figure(
 
     Returns:
         The figure (line-type: extend with :func:`extend_lines`).
+
+    Example:
+        >>> import pandas as pd
+        >>> def rows(instrument, values, metric=None, param="all"):  # scalars, log schema
+        ...     return pd.DataFrame({"step": range(len(values)), "wall_time": 0.0,
+        ...                          "instrument": instrument, "metric": metric or instrument,
+        ...                          "param": param, "value": values})
+        >>> from app.figures import hyperparameter_figure
+        >>> df = pd.concat([rows("hyperparameters", [0.1, 0.05], "lr", "group0"),
+        ...                 rows("hyperparameters", [0.01, 0.01], "lr", "group1")])
+        >>> [t.name for t in hyperparameter_figure({"sgd": df}).data]
+        ['sgd · group0', 'sgd · group1']
 
     """
     runs = _as_runs(runs)
@@ -719,6 +788,18 @@ def performance_figure(
     Returns:
         The figure (line-type: extend with :func:`extend_lines`).
 
+    Example:
+        >>> import pandas as pd
+        >>> def rows(instrument, values, metric=None, param="all"):  # scalars, log schema
+        ...     return pd.DataFrame({"step": range(len(values)), "wall_time": 0.0,
+        ...                          "instrument": instrument, "metric": metric or instrument,
+        ...                          "param": param, "value": values})
+        >>> from app.figures import performance_figure
+        >>> df = pd.concat([rows("loss", [1.0, 0.7]), rows("user", [0.5, 0.6], "accuracy")])
+        >>> fig = performance_figure({"sgd": df})
+        >>> [(t.name, t.yaxis) for t in fig.data]  # metrics on the right axis
+        [('sgd · loss', 'y'), ('sgd · accuracy', 'y2')]
+
     """
     runs = _as_runs(runs)
     user = sorted({m for df in runs.values() for m in metrics_of(df, "user")}, key=natural_key)
@@ -793,6 +874,24 @@ def extend_lines(
 
     Raises:
         ValueError: If ``state`` does not come from a line-type builder.
+
+    Example:
+        A live panel sends only the new points (``dcc.Graph.extendData``):
+
+        >>> import pandas as pd
+        >>> def rows(instrument, values, metric=None, param="all"):  # scalars, log schema
+        ...     return pd.DataFrame({"step": range(len(values)), "wall_time": 0.0,
+        ...                          "instrument": instrument, "metric": metric or instrument,
+        ...                          "param": param, "value": values})
+        >>> from app.figures import extend_lines, line_figure
+        >>> fig = line_figure({"sgd": rows("loss", [1.0, 0.8, 0.5])}, "loss")
+        >>> state = fig.layout.meta  # keep it, e.g. in a dcc.Store
+        >>> new = rows("loss", [0.8, 0.5, 0.4, 0.35])  # overlapping rows are skipped
+        >>> payload, state = extend_lines({"sgd": new}, state)
+        >>> payload
+        ({'x': [[3.0]], 'y': [[0.35]]}, [0], 4000)
+        >>> state["redraw"]  # True: a new run or series appeared, rebuild instead
+        False
 
     """
     if state.get("builder") != "lines":
@@ -884,6 +983,14 @@ def alpha_gauge(
 
     Returns:
         The figure.
+
+    Example:
+        >>> from app.figures import alpha_gauge
+        >>> fig = alpha_gauge([0.9, 1.1, 1.0, 0.95, 1.2, 2.0])  # α per tracked step
+        >>> [t.name for t in fig.data]
+        ['local parabola', 'all steps (μ=1.19)', 'last 10% (μ=2.00)', 'mean α']
+        >>> [a.text for a in fig.layout.annotations if a.name == "outliers_high"]
+        ['1 above 1.5 ▶']
     """
     lo, hi = -1.5, 1.5
     a = np.asarray(alpha_values, dtype=np.float64).reshape(-1)
@@ -1004,6 +1111,12 @@ def gradient_tests_figure(
         The figure; trace names start with ``"norm test"``, ``"inner test"``, ``"ortho test"``
         (shaded, ``fill="toself"``) or ``"norm threshold"``, ``"inner threshold"``,
         ``"ortho threshold"`` (dashed).
+
+    Example:
+        >>> from app.figures import gradient_tests_figure
+        >>> fig = gradient_tests_figure(norm=1.2, inner=0.5, ortho=2.0)
+        >>> [t.name for t in fig.data if "test" in t.name]  # ✗: beyond the reference
+        ['inner test 0.5 (ref 0.9) ✓', 'ortho test 2 (ref 5.67) ✓', 'norm test 1.2 (ref 0.9) ✗']
     """
     values = {"norm_test": norm, "inner_test": inner, "ortho_test": ortho}
     present = {k: float(v) for k, v in values.items() if _finite(v)}
@@ -1125,6 +1238,14 @@ def hist_1d_figure(
 
     Returns:
         The figure.
+
+    Example:
+        >>> import numpy as np
+        >>> from app.figures import hist_1d_figure
+        >>> counts, edges = np.array([10.0, 1, 2, 1, 20]), np.linspace(-1, 1, 6)  # [B], [B + 1]
+        >>> fig = hist_1d_figure(counts, edges)
+        >>> [t.name for t in fig.data], fig.layout.annotations[0].text
+        (['gradient entries', 'edge bins (incl. clamped)'], 'edge bins: 88.2% of mass')
     """
     c = None if counts is None else as_counts(counts).reshape(-1)
     if c is None or edges is None or c.size == 0 or c.sum() <= 0:
@@ -1177,6 +1298,12 @@ def round_significant(values: ArrayLike, digits: int = COLOR_DIGITS) -> np.ndarr
     Returns:
         A new float64 array of the same shape.
 
+    Example:
+        >>> import numpy as np
+        >>> from app.figures import round_significant
+        >>> round_significant([123456.0, 0.000123456, 0.0, np.nan]).tolist()
+        [123500.0, 0.0001235, 0.0, nan]
+
     """
     out = np.array(values, dtype=np.float64, copy=True)
     nonzero = np.isfinite(out) & (out != 0.0)
@@ -1225,6 +1352,14 @@ def hist_2d_figure(
 
     Returns:
         The figure.
+
+    Example:
+        >>> import numpy as np
+        >>> from app.figures import hist_2d_figure
+        >>> counts = np.ones((4, 3))  # [B_g, B_p]: gradient bins × parameter bins
+        >>> fig = hist_2d_figure(counts, np.linspace(-1, 1, 5), np.linspace(-2, 2, 4))
+        >>> [t.type for t in fig.data], np.shape(fig.data[0].z)  # heatmap and both marginals
+        (['heatmap', 'bar', 'bar'], (4, 3))
     """
     c = None if counts is None else as_counts(counts)
     if c is None or c.ndim != 2 or c.size == 0 or c.sum() <= 0:
@@ -1322,6 +1457,16 @@ def hist_over_time_figure(
 
     Returns:
         The figure, with the extension state in ``layout.meta``.
+
+    Example:
+        >>> import numpy as np
+        >>> from app.figures import hist_over_time_figure
+        >>> counts = [np.array([1.0, 2, 1]), np.array([0.0, 4, 0])]  # [B] per step
+        >>> fig = hist_over_time_figure([0, 10], counts, np.linspace(-1, 1, 4))
+        >>> np.shape(fig.data[0].z), np.asarray(fig.data[0].y).tolist()  # rows: steps
+        ((2, 3), [0, 10])
+        >>> fig.layout.meta["last_step"]  # state for extend_hist_over_time
+        10
     """
     steps = np.asarray(steps, dtype=np.int64).reshape(-1)
     meta: dict[str, Any] = {
@@ -1380,6 +1525,18 @@ def extend_hist_over_time(
 
     Raises:
         ValueError: If ``state`` does not come from :func:`hist_over_time_figure`.
+
+    Example:
+        >>> import numpy as np
+        >>> from app.figures import extend_hist_over_time, hist_over_time_figure
+        >>> edges = np.linspace(-1, 1, 4)
+        >>> fig = hist_over_time_figure([0, 10], [np.ones(3), np.ones(3)], edges, log_color=False)
+        >>> new = [np.ones(3), np.array([1.0, 2, 1])]  # step 10 again, and step 20
+        >>> payload, state = extend_hist_over_time([10, 20], new, fig.layout.meta)
+        >>> payload  # one new row, normalized to fractions
+        ({'y': [[20]], 'z': [[[0.25, 0.5, 0.25]]]}, [0], 2000)
+        >>> state["last_step"], state["redraw"]
+        (20, False)
     """
     if state.get("builder") != "hist_time":
         raise ValueError("state does not come from hist_over_time_figure")
@@ -1427,6 +1584,16 @@ def layer_grid_figure(
 
     Returns:
         The figure (its height grows with the number of rows).
+
+    Example:
+        >>> import numpy as np
+        >>> from app.figures import layer_grid_figure
+        >>> e = np.linspace(-1, 1, 4)  # 3 bins on both axes
+        >>> vanished = np.zeros((3, 3))
+        >>> vanished[1] = 5.0  # all gradient mass in the central bin
+        >>> fig = layer_grid_figure({"0.weight": (vanished, e, e), "2.weight": (np.eye(3), e, e)})
+        >>> [a.text for a in fig.layout.annotations]
+        ['0.weight · 100% at 0', '2.weight · 33% at 0']
     """
     items = []
     for name, rec in hist2d_by_param.items():
@@ -1504,6 +1671,15 @@ class PanelSpec:
         description: One-line explanation for a tooltip.
         param: Parameter name (``"all"`` for model-wide values).
 
+    Example:
+        >>> from app.figures import DEFAULT_PANELS, PanelSpec, build_panel
+        >>> spec = PanelSpec("lr", "hyperparameters", "hyperparameters", "lr", "Learning rate",
+        ...                  group="hyperparameters", y_log=True)
+        >>> spec.param, build_panel(spec, None).layout.annotations[0].text
+        ('all', 'no data yet')
+        >>> [s.name for s in DEFAULT_PANELS][:3]  # the built-in panels
+        ['performance', 'alpha', 'distance']
+
     """
 
     name: str
@@ -1530,6 +1706,17 @@ class PanelOptions:
         colors: ``{run: colour}`` shared across panels.
         tracked: Whether the panel's instrument is configured (empty-state text).
         y_log: Overrides ``PanelSpec.y_log`` when not ``None`` (a per-panel log toggle).
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"step": range(4), "wall_time": 0.0, "instrument": "loss",
+        ...                    "metric": "loss", "param": "all", "value": [1.0, 0.8, 0.5, 0.4]})
+        >>> from app.figures import DEFAULT_PANELS, PanelOptions, build_panel
+        >>> spec = next(s for s in DEFAULT_PANELS if s.name == "performance")
+        >>> opts = PanelOptions(smoothing=0.6, colors={"sgd": "#000000"})
+        >>> fig = build_panel(spec, {"sgd": df}, options=opts)
+        >>> [(t.name, t.line.color) for t in fig.data]
+        [('sgd · loss', '#000000'), ('sgd · loss', '#000000')]
 
     """
 
@@ -1713,6 +1900,16 @@ def build_panel(
 
     Raises:
         ValueError: If ``spec.kind`` is not a key of :data:`PANEL_BUILDERS`.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"step": range(4), "wall_time": 0.0, "instrument": "loss",
+        ...                    "metric": "loss", "param": "all", "value": [1.0, 0.8, 0.5, 0.4]})
+        >>> from app.figures import DEFAULT_PANELS, build_panel
+        >>> spec = next(s for s in DEFAULT_PANELS if s.name == "performance")
+        >>> fig = build_panel(spec, {"sgd": df})
+        >>> fig.layout.title.text, [t.name for t in fig.data]
+        ('Loss and metrics', ['sgd · loss'])
 
     """
     if not isinstance(spec, PanelSpec):
@@ -1955,6 +2152,18 @@ def figure_csv(fig: go.Figure | Mapping[str, Any]) -> str:
 
     Returns:
         CSV with header ``trace,x,y,z`` (``z`` empty for scatter/bar traces).
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"step": range(4), "wall_time": 0.0, "instrument": "loss",
+        ...                    "metric": "loss", "param": "all", "value": [1.0, 0.8, 0.5, 0.4]})
+        >>> from app.figures import figure_csv, line_figure
+        >>> print(figure_csv(line_figure({"sgd": df}, "loss")), end="")
+        trace,x,y,z
+        sgd,0.0,1.0,
+        sgd,1.0,0.8,
+        sgd,2.0,0.5,
+        sgd,3.0,0.4,
 
     """
     data = fig.data if isinstance(fig, go.Figure) else fig.get("data", [])
