@@ -102,10 +102,12 @@ def bin_edges_of(low: float, high: float, bins: int, dtype=torch.float64) -> Ten
     return ((j - ioff - frac) / k).to(dtype)
 
 
-def _scaled_bins(x: Tensor, low: float, high: float, bins: int, nan: int) -> Tensor:
-    """Float bin indices of ``x`` (a new tensor), clamped; NaN entries get ``nan``."""
+def _scaled_bins(
+    x: Tensor, low: float, high: float, bins: int, nan: int, inplace: bool = False
+) -> Tensor:
+    """Float bin indices of ``x`` (a new tensor unless ``inplace``), clamped; NaN → ``nan``."""
     k, frac, ioff = _bin_grid(low, high, bins)
-    s = x.mul(k)
+    s = x.mul_(k) if inplace else x.mul(k)
     if frac:
         s.add_(frac)
     s.floor_().clamp_(-ioff, bins - 1 - ioff).nan_to_num_(nan=nan - ioff)
@@ -145,7 +147,7 @@ def bin_index(x: Tensor, low: float, high: float, bins: int) -> Tensor:
     return _scaled_bins(x, low, high, bins, nan=bins - 1).long()
 
 
-def uniform_counts(x: Tensor, low: float, high: float, bins: int) -> Tensor:
+def uniform_counts(x: Tensor, low: float, high: float, bins: int, inplace: bool = False) -> Tensor:
     """Histogram of all entries of ``x`` in ``bins`` equal bins on ``[low, high)``.
 
     Outliers are clamped into the edge bins (like :func:`bin_index`); NaN entries are
@@ -157,6 +159,8 @@ def uniform_counts(x: Tensor, low: float, high: float, bins: int) -> Tensor:
         low: Lower end of the range.
         high: Upper end of the range.
         bins: Number of bins B.
+        inplace: Overwrite ``x`` (a temporary the caller no longer needs) instead of
+            allocating a scratch tensor of its size.
 
     Returns:
         Float64 counts ``[B]``.
@@ -166,13 +170,13 @@ def uniform_counts(x: Tensor, low: float, high: float, bins: int) -> Tensor:
         >>> uniform_counts(torch.tensor([-3.0, -0.5, 0.0, 0.25, float("nan")]), -1.0, 1.0, 4)
         tensor([1., 1., 2., 0.], dtype=torch.float64)
     """
-    idx = _scaled_bins(x, low, high, bins, nan=bins).to(_index_dtype(bins + 1))
+    idx = _scaled_bins(x, low, high, bins, nan=bins, inplace=inplace).to(_index_dtype(bins + 1))
     counts = torch.bincount(idx.reshape(-1), minlength=bins + 1)[:bins]
     return counts.to(torch.float64)
 
 
-def _hist1d(values: Tensor, q: Hist1D) -> Tensor:
-    return uniform_counts(values, q.range[0], q.range[1], q.bins)
+def _hist1d(values: Tensor, q: Hist1D, inplace: bool = False) -> Tensor:
+    return uniform_counts(values, q.range[0], q.range[1], q.bins, inplace=inplace)
 
 
 def _hist2d(grads: Tensor, param: Tensor, q: Hist2D) -> Tensor:
@@ -277,10 +281,17 @@ class Factor:
 
 
 class DenseFactor(Factor):
-    """Materialized individual gradients ``[N, *P]``."""
+    """Materialized individual gradients ``[N, *P]``.
 
-    def __init__(self, grads: Tensor) -> None:
+    Args:
+        grads: The individual gradients.
+        owned: ``grads`` is a temporary built for this reduction only; the last
+            histogram may then bin it in place instead of allocating a copy.
+    """
+
+    def __init__(self, grads: Tensor, owned: bool = False) -> None:
         self.grads = grads
+        self.owned = owned
         self.n = grads.shape[0]
         self.shape = grads.shape[1:]
 
@@ -293,16 +304,21 @@ class DenseFactor(Factor):
         flat = self.grads.reshape(self.n, -1)
         out: dict[Quantity, Tensor] = {}
         gram = None
+        # histograms last: the final 1D histogram of an owned temporary bins it in place
+        requests = sorted(requests, key=lambda q: isinstance(q, Hist1D))
+        last_hist = requests[-1] if requests and isinstance(requests[-1], Hist1D) else None
+        if any(isinstance(q, IndividualGradients) for q in requests):
+            last_hist = None  # handed out to the caller: never overwrite
         for q in requests:
-            if isinstance(q, BatchL2):
-                out[q] = (flat * flat).sum(1)
+            if isinstance(q, BatchL2):  # norms reduce without an [N, D] temporary
+                out[q] = torch.linalg.vector_norm(flat, dim=1).square_()
             elif isinstance(q, BatchDot):
                 gram = flat @ flat.T if gram is None else gram
                 out[q] = gram
             elif isinstance(q, GradDot):
                 out[q] = flat @ flat.mean(0)
             elif isinstance(q, SecondMoment):
-                out[q] = (flat * flat).sum(0).view(self.shape)
+                out[q] = torch.einsum("ni,ni->i", flat, flat).view(self.shape)
             elif isinstance(q, Projection):
                 u = directions.get(q.key)
                 out[q] = (
@@ -311,7 +327,7 @@ class DenseFactor(Factor):
             elif isinstance(q, IndividualGradients):
                 out[q] = self.grads
             elif isinstance(q, Hist1D):
-                out[q] = _hist1d(flat, q)
+                out[q] = _hist1d(flat, q, inplace=self.owned and q is last_hist)
             elif isinstance(q, Hist2D):
                 out[q] = _hist2d(flat, param.reshape(1, -1), q)
             else:
@@ -420,10 +436,10 @@ class AffineFactor(Factor):
         else:
             chunk = max(1, CHUNK_ELEMENTS // max(1, self.shape.numel()))
         if chunk >= self.n:
-            return DenseFactor(self.to_dense()).reduce(requests, param, directions)
+            return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
         parts: list[dict[Quantity, Tensor]] = []
         for start in range(0, self.n, chunk):
-            dense = DenseFactor(self.to_dense(start, start + chunk))
+            dense = DenseFactor(self.to_dense(start, start + chunk), owned=True)
             parts.append(dense.reduce(requests, param, directions))
         return _merge_chunks(requests, parts)
 

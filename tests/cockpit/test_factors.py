@@ -102,3 +102,24 @@ def test_affine_factor_uses_outer_path_and_falls_back_on_nonfinite(monkeypatch):
     assert not calls, "non-finite factors take the materialized path"
     dense = AffineFactor(a_bad, b, (6, 30)).to_dense()
     torch.testing.assert_close(bad, reference_counts(dense, -1.0, 1.0, 20))
+
+
+def test_owned_temporaries_are_binned_in_place_but_never_handed_out_ones():
+    from cockpit.factors import DenseFactor
+    from cockpit.quantities import IndividualGradients
+
+    torch.manual_seed(3)
+    g = torch.randn(4, 5, dtype=torch.float64)
+    q = Hist1D(bins=8, range=(-1.0, 1.0))
+    expected = reference_counts(g, -1.0, 1.0, 8)
+    kept = g.clone()
+    out = DenseFactor(kept, owned=True).reduce([q, IndividualGradients()], kept, {})
+    torch.testing.assert_close(out[IndividualGradients()], g, rtol=0, atol=0)
+    torch.testing.assert_close(out[q], expected, rtol=0, atol=0)
+    scratch = g.clone()
+    out = DenseFactor(scratch, owned=True).reduce([q], scratch, {})
+    torch.testing.assert_close(out[q], expected, rtol=0, atol=0)
+    assert not torch.equal(scratch, g), "an owned temporary is reused as scratch"
+    unowned = g.clone()
+    DenseFactor(unowned).reduce([q], unowned, {})
+    torch.testing.assert_close(unowned, g, rtol=0, atol=0)
