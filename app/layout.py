@@ -157,6 +157,12 @@ class Panel:
         metrics: Only these metrics of ``spec.instrument`` are shown (``None``: all), e.g. the
             learning rate alone, as the hyperparameters instrument declares.
 
+    Example:
+        >>> from app.layout import panel_catalog
+        >>> alpha = panel_catalog()[0]
+        >>> alpha.name, alpha.section, alpha.spec.kind, alpha.wide, alpha.height
+        ('alpha', 'step', 'alpha', False, 320)
+
     """
 
     spec: PanelSpec
@@ -191,6 +197,15 @@ def panel_reads(spec: PanelSpec) -> tuple[tuple[str, str, str | None], ...]:
     Returns:
         The ``(table, instrument, param)`` triples.
 
+    Example:
+        >>> from app.figures import DEFAULT_PANELS
+        >>> from app.layout import panel_reads
+        >>> specs = {s.name: s for s in DEFAULT_PANELS}
+        >>> panel_reads(specs["performance"])  # the loss and the user metrics
+        (('scalars', 'loss', 'all'), ('scalars', 'user', 'all'))
+        >>> panel_reads(specs["layer_grid"])  # histograms of every parameter
+        (('histograms', 'grad_hist_2d', None),)
+
     """
     kind, inst, param = spec.kind, spec.instrument, spec.param
     if kind in ("gradient_tests", "tests_history"):
@@ -221,6 +236,13 @@ def panel_tracks(spec: PanelSpec) -> frozenset[str]:
 
     Returns:
         Instrument names.
+
+    Example:
+        >>> from app.figures import DEFAULT_PANELS
+        >>> from app.layout import panel_tracks
+        >>> specs = {s.name: s for s in DEFAULT_PANELS}
+        >>> sorted(panel_tracks(specs["gradient_tests"])), sorted(panel_tracks(specs["alpha"]))
+        (['inner_test', 'norm_test', 'ortho_test'], ['alpha'])
 
     """
     if spec.kind in ("gradient_tests", "tests_history"):
@@ -259,6 +281,19 @@ def panel_catalog(instruments: Mapping[str, type] | None = None) -> list[Panel]:
 
     Returns:
         The panels, section by section.
+
+    Example:
+        An instrument's ``panel`` declaration is all a new panel needs:
+
+        >>> from app.layout import panel_catalog
+        >>> from instruments import PanelSpec
+        >>> class Sharpness:  # e.g. an Instrument subclass
+        ...     panel = PanelSpec("line", "curvature", "Sharpness", y_log=True)
+        >>> panels = panel_catalog({"sharpness": Sharpness})
+        >>> [(p.name, p.section, p.spec.kind) for p in panels if p.spec.instrument == "sharpness"]
+        [('sharpness', 'curvature', 'line')]
+        >>> [p.name for p in panels][:4]  # the built-ins come first, section by section
+        ['alpha', 'distance', 'update_size', 'grad_norm']
 
     """
     if instruments is None:
@@ -380,6 +415,21 @@ def build_layout(
 
     Returns:
         The layout tree.
+
+    Example:
+        >>> from app.layout import build_layout, panel_catalog
+        >>> def ids(component):  # every component id in the tree
+        ...     own = [component.id] if getattr(component, "id", None) is not None else []
+        ...     kids = getattr(component, "children", None)
+        ...     kids = kids if isinstance(kids, list) else [] if kids is None else [kids]
+        ...     return own + [i for kid in kids for i in ids(kid)]
+        >>> panels = panel_catalog()
+        >>> page = build_layout(panels, "runs", 2000, [{"label": "sgd", "value": "sgd"}])
+        >>> found = ids(page)
+        >>> all(i in found for i in ["tick", "state", "runs", "smoothing"])  # interval, store, ...
+        True
+        >>> sum(1 for i in found if isinstance(i, dict) and i["type"] == "panel") == len(panels)
+        True
 
     """
     sections = []
