@@ -93,11 +93,53 @@ Read = tuple[str, str, "str | None"]
 
 
 class RunNotFound(LookupError):
-    """A run id that is not the name of a run directory directly under the log root."""
+    """A run id that is not the name of a run directory directly under the log root.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> root = Path(tmp.name)
+        >>> with LogWriter(root / "sgd") as writer:
+        ...     writer.add_scalar(0, "loss", "loss", "all", 1.0)
+        >>> from app.data import RunNotFound, resolve_run
+        >>> for run_id in ["../etc", "/etc", ".hidden", "missing"]:
+        ...     try:
+        ...         resolve_run(root, run_id)
+        ...     except RunNotFound as exc:
+        ...         print(exc)
+        no run '../etc'
+        no run '/etc'
+        no run '.hidden'
+        no run 'missing'
+        >>> tmp.cleanup()
+    """
 
 
 class RunGone(RunNotFound):
-    """The run directory was deleted (or replaced by something else) after it was opened."""
+    """The run directory was deleted (or replaced by something else) after it was opened.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> root = Path(tmp.name)
+        >>> with LogWriter(root / "sgd") as writer:
+        ...     writer.add_scalar(0, "loss", "loss", "all", 1.0)
+        >>> import shutil
+        >>> from app.data import LogCache, RunGone
+        >>> cache = LogCache(root)
+        >>> log, cursor = cache.get("sgd")
+        >>> shutil.rmtree(root / "sgd")  # deleted while the dashboard shows it
+        >>> try:
+        ...     cache.get("sgd")
+        ... except RunGone as exc:
+        ...     print(exc)
+        run 'sgd' was deleted
+        >>> tmp.cleanup()
+    """
 
 
 class Cursor(TypedDict):
@@ -108,6 +150,20 @@ class Cursor(TypedDict):
             directory was deleted and created anew, so the client must start over.
         scalars: Tail cursor (highest segment number read) of the scalars table, ``-1``: none.
         histograms: Tail cursor of the histograms table.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> root = Path(tmp.name)
+        >>> with LogWriter(root / "sgd") as writer:
+        ...     writer.add_scalar(0, "loss", "loss", "all", 1.0)
+        >>> from app.data import LogCache
+        >>> log, cursor = LogCache(root).get("sgd")
+        >>> sorted(cursor), cursor["scalars"], cursor["histograms"]  # -1: nothing read
+        (['epoch', 'histograms', 'scalars'], 0, -1)
+        >>> tmp.cleanup()
 
     """
 
@@ -125,6 +181,21 @@ class RunInfo:
         status: ``"live"``, ``"finished"`` or ``"crashed"`` (see
             :func:`cockpit.logreader.run_status`).
         start_time: Unix seconds from ``meta.json`` (NaN when unknown).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> root = Path(tmp.name)
+        >>> with LogWriter(root / "b") as writer:
+        ...     writer.add_scalar(0, "loss", "loss", "all", 1.0)
+        >>> with LogWriter(root / "a") as writer:
+        ...     writer.add_scalar(0, "loss", "loss", "all", 1.0)
+        >>> from app.data import discover_runs
+        >>> [(r.run_id, r.status) for r in discover_runs(root)]  # oldest first
+        [('b', 'finished'), ('a', 'finished')]
+        >>> tmp.cleanup()
 
     """
 
@@ -148,6 +219,21 @@ def check_root(root: str | os.PathLike) -> Path:
     Raises:
         FileNotFoundError: If ``root`` does not exist.
         NotADirectoryError: If ``root`` is not a directory.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> root = Path(tmp.name)
+        >>> from app.data import check_root
+        >>> check_root(root) == root.resolve()
+        True
+        >>> check_root(root / "missing")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: log root '...missing' does not exist
+        >>> tmp.cleanup()
 
     """
     path = Path(root)
@@ -176,6 +262,24 @@ def resolve_run(root: str | os.PathLike, run_id: object) -> Path:
     Raises:
         RunNotFound: If ``run_id`` is not a plain name, escapes the root (``..``, an absolute
             path, a symlink pointing elsewhere), or is not a run directory.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> root = Path(tmp.name)
+        >>> with LogWriter(root / "sgd") as writer:
+        ...     writer.add_scalar(0, "loss", "loss", "all", 1.0)
+        >>> from app.data import RunNotFound, resolve_run
+        >>> resolve_run(root, "sgd") == (root / "sgd").resolve()
+        True
+        >>> (root / "notes").mkdir()  # a directory, but not a run
+        >>> resolve_run(root, "notes")
+        Traceback (most recent call last):
+        ...
+        app.data.RunNotFound: no run 'notes'
+        >>> tmp.cleanup()
 
     """
     if (
@@ -250,6 +354,21 @@ def discover_runs(root: str | os.PathLike, meta_cache: _MetaCache | None = None)
         FileNotFoundError: If ``root`` does not exist.
         NotADirectoryError: If ``root`` is not a directory.
 
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> root = Path(tmp.name)
+        >>> with LogWriter(root / "sgd") as writer:
+        ...     writer.add_scalar(0, "loss", "loss", "all", 1.0)
+        >>> from app.data import discover_runs
+        >>> writer = LogWriter(root / "live")  # still open
+        >>> [(r.run_id, r.status) for r in discover_runs(root)]
+        [('sgd', 'finished'), ('live', 'live')]
+        >>> writer.close()
+        >>> tmp.cleanup()
+
     """
     real_root = check_root(root)
     runs = []
@@ -278,6 +397,13 @@ def empty_frame(table: str = "scalars") -> pd.DataFrame:
 
     Returns:
         The empty DataFrame.
+
+    Example:
+        >>> from app.data import empty_frame
+        >>> empty_frame().columns.tolist()
+        ['step', 'wall_time', 'instrument', 'metric', 'param', 'value']
+        >>> len(empty_frame("histograms")), str(empty_frame().instrument.dtype)
+        (0, 'category')
 
     """
     cols: dict[str, Any] = {}
@@ -686,6 +812,40 @@ class RunLog:
         path: The resolved run directory.
         keep: Only rows of these ``(table, instrument, param)`` are held (``param=None``: every
             param); ``None`` holds everything.
+
+    Example:
+        A client's cursor selects exactly the rows it has not seen yet:
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> root = Path(tmp.name)
+        >>> from app.data import LogCache
+        >>> writer = LogWriter(root / "sgd", {"model": [{"name": "0.weight"}]})
+        >>> for step in range(2):
+        ...     writer.add_scalars(step, [("loss", "loss", "all", 1.0 / (step + 1)),
+        ...                              ("grad_norm", "grad_norm", "0.weight", 0.5)])
+        >>> writer.flush()
+        >>> cache = LogCache(root, min_refresh_s=0.0)
+        >>> log, seen = cache.get("sgd")  # refreshed; seen: the client's cursor
+        >>> log.status(), log.params(), seen == log.cursor()
+        ('live', ['0.weight'], True)
+        >>> loss = log.frame("scalars", [("loss", "all")], seen)
+        >>> loss.step.tolist(), loss.value.tolist()
+        ([0, 1], [1.0, 0.5])
+        >>> writer.add_scalar(2, "loss", "loss", "all", 0.25)
+        >>> writer.flush()
+        >>> now = log.refresh()
+        >>> log.new_rows("scalars", seen, now).step.tolist(), log.touched(seen, now)
+        ([2], {('scalars', 'loss', 'all')})
+        >>> steps, wall_times, values = log.new_series(seen, now)[("loss", "loss", "all")]
+        >>> steps.tolist(), values.tolist()
+        ([2], [0.25])
+        >>> log.tail("scalars", None, 1, now)[["instrument", "step"]].values.tolist()
+        [['loss', 2], ['grad_norm', 1]]
+        >>> writer.close()
+        >>> tmp.cleanup()
     """
 
     def __init__(self, run_id: str, path: Path, keep: Collection[Read] | None = None) -> None:
@@ -941,6 +1101,27 @@ class LogCache:
     Raises:
         FileNotFoundError: If ``root`` does not exist.
         NotADirectoryError: If ``root`` is not a directory.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> root = Path(tmp.name)
+        >>> with LogWriter(root / "sgd", {"tags": {"lr": 0.1}}) as writer:
+        ...     writer.add_scalar(0, "loss", "loss", "all", 1.0)
+        >>> from app.data import LogCache
+        >>> cache = LogCache(root, max_bytes=64 << 20)  # shared by every client of the server
+        >>> [r.run_id for r in cache.list_runs()], cache.meta("sgd")["tags"]
+        (['sgd'], {'lr': 0.1})
+        >>> log, cursor = cache.get("sgd")
+        >>> again, _ = cache.get("sgd")  # the same RunLog: rows are read once
+        >>> again is log
+        True
+        >>> cache.discard("sgd")  # read anew on its next use
+        >>> cache.get("sgd")[0] is log
+        False
+        >>> tmp.cleanup()
     """
 
     def __init__(
