@@ -1,23 +1,38 @@
 """Crash-safe, append-only Parquet logging (writer side).
 
 :class:`LogWriter` buffers rows in the training thread as plain Python tuples
-and hands whole batches to one background thread through a bounded queue. The
-thread builds Arrow tables and writes each batch as immutable segments (see
-:mod:`cockpit.schema` for the layout), so training only waits on the disk when
-the queue is full.
+and hands batches of them to a background thread, which builds Arrow tables and
+writes each batch as immutable segments, in order (see :mod:`cockpit.schema`
+for the layout). A second background thread compacts segments.
 
-Batching and what a crash can lose: rows are handed off when a row for a new,
-higher step arrives and the buffer already holds ``flush_every_steps`` distinct
-steps, or ``flush_every_seconds`` have passed since the last hand-off. A batch
-therefore holds whole steps, and segments hit the disk in order, so a crash
-leaves a prefix of steps with no gaps or duplicates. It loses the rows still
-buffered (at most one flush interval: ``flush_every_steps`` steps or
-``flush_every_seconds``, plus the step in progress) and the batches the
-background thread has not written yet: none while the disk keeps up; when it
-lags, up to ``max_queue`` batches being written (the thread writes everything
-queued at once) and ``max_queue`` waiting, after which ``add_*`` blocks. A
-value that belongs to an earlier step (e.g. alpha for step t, known only after
-step t + 1) goes into a later segment.
+What a crash can lose. A *step window* is everything added from the first row
+of a step up to the first row of the next, higher step; a value for an earlier
+step (e.g. alpha for step t, known only after step t + 1) and events belong to
+the window they are added in, and go into a later segment than their step.
+With ``k = flush_every_steps`` and ``t = flush_every_seconds`` the writer keeps
+this invariant:
+
+* every row added before the newest ``k`` step windows (the current one
+  counts) is on disk (fsynced, renamed into place), at every moment;
+* every row added more than ``t`` seconds ago is on disk as well: checked each
+  time a new step starts, and kept between steps by the background thread as
+  long as writing a batch takes it less than ``t / 2``.
+
+So a crash (SIGKILL, power loss) loses at most the rows of one flush interval:
+rows added during the newest ``k`` steps, and only those of the last ``t``
+seconds. To keep that without making training wait for the disk, the buffer is
+handed off every *half* interval: when a new step starts and the buffer holds
+``ceil(k / 2)`` step windows or rows ``t / 2`` old, and, without a new step,
+when the background thread finds rows ``t / 2`` old. The disk then has the other
+half interval to write them. Only when it is slower than that does a new step
+wait in ``add_*`` until the rows the invariant needs are on disk; that is the
+one place where training waits on the disk (with ``k = 1``: every step).
+
+Batches hold whole step windows, and each table's segments hit the disk in
+order, so a crash leaves a prefix of the steps with no gaps or duplicates. A
+step is split across segments only by :meth:`LogWriter.flush`, or by the time
+hand-off when its rows are added over more than ``t / 2``; a crash between the
+two parts leaves the first part on disk.
 
 Typical use::
 
@@ -26,7 +41,7 @@ Typical use::
             ...
             log.add_scalars(step, [("loss", "loss", "all", loss.item())])
 
-Every ``compact_every`` segments of a table, the background thread merges the
+Every ``compact_every`` segments of a table, the compaction thread merges the
 new segments into one file (see :func:`compact`), so a long run is not left as
 thousands of small files; readers never see a row missing or twice meanwhile.
 
@@ -41,12 +56,12 @@ import errno
 import json
 import os
 import platform
-import queue
 import socket
 import threading
 import time
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Iterable, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -327,12 +342,18 @@ def _versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------
 
 
-class _Batch:
-    """Rows handed to the background thread: one list of row tuples per table."""
+class _Window:
+    """Rows added during one step window: from a step's first row to the next step's.
 
-    __slots__ = ("scalars", "histograms", "events")
+    ``index`` counts windows from 0 (-1 for rows added before the first step);
+    ``start`` is the ``time.monotonic()`` of the window's first row.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("index", "start", "scalars", "histograms", "events")
+
+    def __init__(self, index: int, start: float) -> None:
+        self.index = index
+        self.start = start
         self.scalars: list[tuple] = []
         self.histograms: list[tuple] = []
         self.events: list[tuple] = []
@@ -340,28 +361,16 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.scalars) + len(self.histograms) + len(self.events)
 
-    def extend(self, other: _Batch) -> None:
-        self.scalars.extend(other.scalars)
-        self.histograms.extend(other.histograms)
-        self.events.extend(other.events)
 
+class _Handoff:
+    """Consecutive windows handed to the background thread (written as one segment per table)."""
 
-class _Buffer:
-    """The caller-thread buffer (kept apart from the writer so finalizers can reach it)."""
+    __slots__ = ("windows", "first_time", "n_rows")
 
-    __slots__ = ("batch", "steps", "max_step", "last_handoff")
-
-    def __init__(self) -> None:
-        self.batch = _Batch()
-        self.steps: set[int] = set()
-        self.max_step = -1
-        self.last_handoff = time.monotonic()
-
-    def take(self) -> _Batch:
-        batch, self.batch = self.batch, _Batch()
-        self.steps = set()
-        self.last_handoff = time.monotonic()
-        return batch
+    def __init__(self, windows: list[_Window]) -> None:
+        self.windows = windows
+        self.first_time = windows[0].start
+        self.n_rows = sum(len(w) for w in windows)
 
 
 class _Flush:
@@ -371,69 +380,230 @@ class _Flush:
         self.done = threading.Event()
 
 
-_STOP = object()
-
-
 class _Worker:
-    """State shared by the writer, its finalizer and the background thread."""
+    """The caller's buffer, the durability bookkeeping and the background threads.
+
+    Everything below ``cond`` is shared between the training thread and the
+    writer thread and only touched while holding ``cond``. Rows are counted in
+    the order they were added: the first ``rows_handed`` have left the buffer,
+    the first ``rows_done`` are settled (on disk, or dropped after a failed
+    write and counted in ``rows_dropped``), so a crash can only lose rows after
+    them.
+    """
 
     def __init__(
         self,
         run_dir: Path,
         next_segment: dict[str, int],
+        *,
+        max_steps: int,
+        max_seconds: float,
         max_queue: int,
         strict: bool,
         compact_every: int | None,
     ) -> None:
         self.run_dir = run_dir
         self.strict = strict
+        self.max_steps = max_steps
+        self.max_seconds = max_seconds
+        # Hand off every half interval: the disk gets the other half to catch up.
+        self.handoff_steps = (max_steps + 1) // 2
+        self.handoff_seconds = max_seconds / 2
+        self.max_queue = max_queue
         self.next_segment = next_segment
         self.compact_every = compact_every
         # Only segments this writer wrote are compacted in the background.
         self.compact_from = dict(next_segment)
         self.compaction_warned = False
-        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
         self.warned = False
         self.rows_dropped = 0
         self.steps_written: set[int] = set()
+
+        self.cond = threading.Condition(threading.Lock())
+        self.windows: list[_Window] = []  # the caller's buffer, oldest first
+        self.window = -1  # index of the current window
+        self.max_step = -1
+        # rows_added at the start of each of the newest max_steps windows
+        self.window_starts: deque[int] = deque(maxlen=max_steps)
+        self.rows_added = 0
+        self.rows_handed = 0
+        self.rows_done = 0
+        self.pending: deque[_Handoff | _Flush] = deque()  # not yet taken by the thread
+        self.undone: deque[_Handoff] = deque()  # handed off, not yet written
+        self.stopping = False
+
         self.thread = threading.Thread(
             target=self.run, name=f"cockpit-logwriter:{run_dir.name}", daemon=True
         )
+        self.compact_cond = threading.Condition(threading.Lock())
+        self.compact_due = False
+        self.compact_stop = False
+        self.compactor = (
+            threading.Thread(
+                target=self.run_compactor, name=f"cockpit-compactor:{run_dir.name}", daemon=True
+            )
+            if compact_every
+            else None
+        )
 
-    # -- background thread -------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+        if self.compactor is not None:
+            self.compactor.start()
+
+    # -- caller side (training thread) ---------------------------------------
+
+    def add(self, table: str, step: int | None, rows: list[tuple]) -> None:
+        """Buffer ``rows`` of ``table``; a ``step`` above all before starts a new window."""
+        with self.cond:
+            if step is not None and step > self.max_step:
+                self._start_window(step)
+            elif not self.windows:
+                self._open_window(time.monotonic())
+            getattr(self.windows[-1], table).extend(rows)
+            self.rows_added += len(rows)
+
+    def _open_window(self, now: float) -> None:
+        if not self.windows:
+            self.cond.notify_all()  # the thread times the buffer's age from now on
+        self.windows.append(_Window(self.window, now))
+
+    def _start_window(self, step: int) -> None:
+        """Begin the window of a new step: hand off, and wait if the bound requires it."""
+        now = time.monotonic()
+        self.max_step = step
+        windows = self.windows
+        if windows and (
+            self.window - windows[0].index + 1 >= self.handoff_steps
+            or now - windows[0].start >= self.handoff_seconds
+        ):
+            self._handoff()
+        self.window += 1
+        self.window_starts.append(self.rows_added)
+        # The bound: every row added before the newest max_steps windows, and every
+        # row added more than max_seconds ago, must be on disk before this one starts.
+        need_rows = self.window_starts[0] if len(self.window_starts) == self.max_steps else 0
+        oldest_allowed = now - self.max_seconds
+        while True:
+            if self.windows and (
+                self.rows_handed < need_rows or self.windows[0].start < oldest_allowed
+            ):
+                self._handoff()  # unreachable with half-interval hand-offs; a safety net
+            if self.rows_done >= need_rows and (
+                not self.undone or self.undone[0].first_time >= oldest_allowed
+            ):
+                break
+            self._wait()
+        self._open_window(now)
+
+    def _handoff(self) -> None:
+        """Move the whole buffer to the thread's queue (waits while ``max_queue`` batches wait)."""
+        while len(self.pending) >= self.max_queue:
+            self._wait()
+        if not self.windows:
+            return  # the thread took them meanwhile (time hand-off)
+        item = _Handoff(self.windows)
+        self.windows = []
+        self._enqueue(item)
+
+    def _enqueue(self, item: _Handoff) -> None:
+        self.rows_handed += item.n_rows
+        self.pending.append(item)
+        self.undone.append(item)
+        self.cond.notify_all()
+
+    def _wait(self) -> None:
+        if not self.thread.is_alive():
+            raise LogWriteError(f"cockpit log writer thread for {self.run_dir} is not running")
+        self.cond.wait(timeout=1.0)
+
+    def flush(self) -> None:
+        """Hand off everything and return once it is on disk."""
+        marker = _Flush()
+        with self.cond:
+            if self.windows:
+                self._handoff()
+            self.pending.append(marker)
+            self.cond.notify_all()
+        while not marker.done.wait(timeout=1.0):
+            if not self.thread.is_alive():
+                raise LogWriteError(f"cockpit log writer thread for {self.run_dir} is not running")
+
+    def stop(self) -> None:
+        """Hand off everything, let the thread write it and end, then stop the compactor."""
+        try:
+            with self.cond:
+                if self.windows:
+                    self._handoff()
+                self.stopping = True
+                self.cond.notify_all()
+            self.thread.join()
+        finally:
+            if self.compactor is not None:
+                with self.compact_cond:
+                    self.compact_stop = True
+                    self.compact_cond.notify_all()
+                self.compactor.join()
+
+    # -- writer thread -------------------------------------------------------
+
+    def _take_due(self, now: float) -> bool:
+        """Hand off buffered rows older than half ``max_seconds`` (caller holds ``cond``).
+
+        Whole windows are taken while the current one is younger than that, so
+        a step is split across segments only when its rows were added over more
+        than ``max_seconds / 2``.
+        """
+        windows = self.windows
+        if not windows or now - windows[0].start < self.handoff_seconds:
+            return False
+        if len(windows) > 1 and now - windows[-1].start < self.handoff_seconds:
+            taken, self.windows = windows[:-1], windows[-1:]
+        else:
+            taken, self.windows = windows, []
+        self._enqueue(_Handoff(taken))
+        return True
 
     def run(self) -> None:
-        stop = False
-        while not stop:
-            items = [self.queue.get()]
-            while True:  # coalesce whatever else is queued into the same segments
-                try:
-                    items.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            merged = _Batch()
-            flushes = []
-            for item in items:
-                if item is _STOP:
-                    stop = True
-                elif isinstance(item, _Flush):
-                    flushes.append(item)
-                else:
-                    merged.extend(item)
+        while True:
+            with self.cond:
+                while not self.pending:
+                    now = time.monotonic()
+                    if self._take_due(now) or self.stopping:
+                        break
+                    timeout = (
+                        self.windows[0].start + self.handoff_seconds - now if self.windows else None
+                    )
+                    self.cond.wait(timeout)
+                items = list(self.pending)
+                self.pending.clear()
+                if not items:
+                    return  # stopping, and everything is written
+            batches = [item for item in items if isinstance(item, _Handoff)]
+            n_rows = sum(b.n_rows for b in batches)
             try:
-                if len(merged):
-                    self.write(merged)
-                    self.maybe_compact()
+                if n_rows:
+                    self.write(batches)
             except BaseException as exc:  # noqa: BLE001 - the thread must keep serving flushes
-                self.fail(self.run_dir, exc, len(merged))
+                self.fail(self.run_dir, exc, n_rows)
             finally:
-                for item in flushes:
-                    item.done.set()
+                with self.cond:
+                    self.rows_done += n_rows
+                    for _ in batches:
+                        self.undone.popleft()
+                    self.cond.notify_all()
+                for item in items:
+                    if isinstance(item, _Flush):
+                        item.done.set()
+            if n_rows and self.compactor is not None:
+                with self.compact_cond:
+                    self.compact_due = True
+                    self.compact_cond.notify_all()
 
-    def write(self, batch: _Batch) -> None:
+    def write(self, batches: list[_Handoff]) -> None:
         for table_name in TABLES:
-            rows = getattr(batch, table_name)
+            rows = [row for b in batches for w in b.windows for row in getattr(w, table_name)]
             if not rows:
                 continue
             number = self.next_segment[table_name]
@@ -448,14 +618,28 @@ class _Worker:
             if table_name != "events":
                 self.steps_written.update(row[0] for row in rows)
 
-    def maybe_compact(self) -> None:
-        """Merge every ``compact_every`` new segments of a table into one file."""
-        if not self.compact_every:
-            return
+    # -- compactor thread ----------------------------------------------------
+
+    def run_compactor(self) -> None:
+        """Merge segments apart from the writer thread, so writing never waits for it."""
+        while True:
+            with self.compact_cond:
+                while not self.compact_due and not self.compact_stop:
+                    self.compact_cond.wait()
+                if not self.compact_due:
+                    return
+                self.compact_due = False
+            while self.maybe_compact():
+                pass
+
+    def maybe_compact(self) -> bool:
+        """Merge the next ``compact_every`` new segments of each table; True if it got on."""
+        due = False
         for table_name in TABLES:
-            first, end = self.compact_from[table_name], self.next_segment[table_name]
-            if end - first < self.compact_every:
+            first = self.compact_from[table_name]
+            if self.next_segment[table_name] - first < self.compact_every:
                 continue
+            end = first + self.compact_every  # if the writer is further on: the next round
             lock_path = self.run_dir / COMPACT_LOCK_FILE
             try:
                 _acquire_lock(lock_path, "a compaction")
@@ -478,6 +662,8 @@ class _Worker:
                 finally:
                     _unlink_quietly(lock_path)
             self.compact_from[table_name] = end
+            due = True
+        return due
 
     def fail(self, path: Path, exc: BaseException, n_rows: int) -> None:
         self.rows_dropped += n_rows
@@ -490,19 +676,6 @@ class _Worker:
                 RuntimeWarning,
                 stacklevel=2,
             )
-
-    # -- caller side -------------------------------------------------------
-
-    def put(self, item: Any) -> None:
-        while True:
-            try:
-                self.queue.put(item, timeout=1.0)
-                return
-            except queue.Full:
-                if not self.thread.is_alive():
-                    raise LogWriteError(
-                        f"cockpit log writer thread for {self.run_dir} is not running"
-                    ) from None
 
 
 def _build_table(table_name: str, rows: list[tuple]) -> pa.Table:
@@ -550,15 +723,12 @@ def _list_array(pieces: Sequence[np.ndarray]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float64()))
 
 
-def _close_worker(worker: _Worker, buffer: _Buffer, lock_path: Path, owner_pid: int) -> None:
-    """Flush, stop the thread, write END and release LOCK (runs at most once per writer)."""
+def _close_worker(worker: _Worker, lock_path: Path, owner_pid: int) -> None:
+    """Flush, stop the threads, write END and release LOCK (runs at most once per writer)."""
     if os.getpid() != owner_pid:
         return  # a forked child must not close its parent's run
     try:
-        if len(buffer.batch):
-            worker.put(buffer.take())
-        worker.put(_STOP)
-        worker.thread.join()
+        worker.stop()
     finally:
         try:
             end = {
@@ -583,22 +753,35 @@ def _to_float_array(values: Any) -> np.ndarray:
 class LogWriter:
     """Append-only, crash-safe Parquet log of one run.
 
+    The loss bound (the invariant, stated in full in the module docstring):
+    whenever a crash happens, the log on disk holds every row except at most
+    those added during the newest ``flush_every_steps`` steps (the one in
+    progress counts), and, as long as the disk writes a batch within
+    ``flush_every_seconds / 2``, except at most those added in the last
+    ``flush_every_seconds``. Rows are written from a background thread every
+    half interval, so the training thread does not wait on the disk; it waits,
+    when a new step starts, only if the disk has fallen so far behind that the
+    bound would otherwise be broken.
+
     Args:
         run_dir: The run directory (``ROOT/<run_id>``). Created if missing; its
             parent, the log root, is created too unless it exists as a file.
         metadata: Run metadata for ``meta.json`` (``model``, ``optimizer``,
             ``instruments``, ``tags`` and any extra keys). The writer adds
             ``schema_version``, ``run_id``, ``start_time`` and ``versions``.
-        flush_every_steps: Hand a batch to the background thread once it holds
-            this many distinct steps and a row for a new step arrives.
-        flush_every_seconds: ... or once this long has passed since the last
-            hand-off (checked when rows are added).
-        max_queue: Batches the background thread may fall behind before
-            ``add_*`` blocks.
+        flush_every_steps: ``k``: a crash loses rows of at most the newest ``k``
+            steps. A batch is handed to the background thread when a new step
+            starts and the buffer holds ``ceil(k / 2)`` steps; ``k = 1`` writes
+            each step before the next one starts.
+        flush_every_seconds: ``t``: a crash loses only rows added in the last
+            ``t`` seconds. A batch is handed off once its oldest row is ``t / 2``
+            old (when a new step starts, or by the background thread).
+        max_queue: Batches waiting for the background thread before a hand-off
+            waits (a memory cap; the loss bound normally waits first).
         strict: Re-raise background write failures in the caller thread at the
             next ``add_*``, ``flush`` or ``close`` (as :class:`LogWriteError`)
             instead of warning once and counting dropped rows.
-        compact_every: The background thread merges every this many new
+        compact_every: The compaction thread merges every this many new
             segments of a table into one ``part-LO-HI.parquet`` (see
             :func:`compact`), so a long run stays quick to read; None: never.
 
@@ -612,6 +795,8 @@ class LogWriter:
     A writer is used from one thread (the training loop). Reopening an existing
     run directory continues it: segment numbers go on from the highest on disk,
     ``start_time`` and ``run_id`` are kept, and ``END`` is removed until close.
+    A failed write drops its rows (counted in :attr:`rows_dropped`) and still
+    counts as written for the bound, so a broken disk never blocks training.
     """
 
     def __init__(
@@ -664,12 +849,19 @@ class LogWriter:
             _unlink_quietly(lock_path)
             raise
 
-        self._buffer = _Buffer()
-        self._worker = _Worker(run_dir, next_segment, int(max_queue), self._strict, compact_every)
-        self._worker.thread.start()
+        self._worker = _Worker(
+            run_dir,
+            next_segment,
+            max_steps=self._flush_every_steps,
+            max_seconds=self._flush_every_seconds,
+            max_queue=int(max_queue),
+            strict=self._strict,
+            compact_every=compact_every,
+        )
+        self._worker.start()
         # Called by close(), on garbage collection and at interpreter exit.
         self._finalizer = weakref.finalize(
-            self, _close_worker, self._worker, self._buffer, lock_path, os.getpid()
+            self, _close_worker, self._worker, lock_path, os.getpid()
         )
 
     def _write_meta(self, metadata: dict[str, Any] | None) -> None:
@@ -724,18 +916,6 @@ class LogWriter:
             exc, self._worker.error = self._worker.error, None
             raise LogWriteError(f"cockpit log: writing to {self._run_dir} failed: {exc}") from exc
 
-    def _before_step(self, step: int) -> None:
-        """Hand off the buffer if ``step`` starts a new step and an interval is full."""
-        buffer = self._buffer
-        if step > buffer.max_step:
-            if buffer.steps and (
-                len(buffer.steps) >= self._flush_every_steps
-                or time.monotonic() - buffer.last_handoff >= self._flush_every_seconds
-            ):
-                self._worker.put(buffer.take())
-            buffer.max_step = step
-        buffer.steps.add(step)
-
     def add_scalars(
         self,
         step: int,
@@ -769,8 +949,7 @@ class LogWriter:
         ]
         if not new_rows:
             return
-        self._before_step(step)
-        self._buffer.batch.scalars.extend(new_rows)
+        self._worker.add("scalars", step, new_rows)
 
     def add_scalar(
         self,
@@ -835,8 +1014,7 @@ class LogWriter:
             edges_np[0],
             edges_np[1] if len(edges_np) == 2 else np.zeros(0, dtype=np.float64),
         )
-        self._before_step(step)
-        self._buffer.batch.histograms.append(row)
+        self._worker.add("histograms", step, [row])
 
     def add_event(self, level: str, message: str, step: int = -1, instrument: str = "") -> None:
         """Add an event (a message for the run's event list).
@@ -854,7 +1032,7 @@ class LogWriter:
         if level not in EVENT_LEVELS:
             raise ValueError(f"event level must be one of {EVENT_LEVELS}, got {level!r}")
         row = (int(step), time.time(), level, _as_str(instrument), _as_str(message))
-        self._buffer.batch.events.append(row)
+        self._worker.add("events", None, [row])
 
     # -- flushing and closing ---------------------------------------------
 
@@ -865,13 +1043,7 @@ class LogWriter:
         the same step go into a later segment.
         """
         self._check()
-        if len(self._buffer.batch):
-            self._worker.put(self._buffer.take())
-        marker = _Flush()
-        self._worker.put(marker)
-        while not marker.done.wait(timeout=1.0):
-            if not self._worker.thread.is_alive():
-                raise LogWriteError(f"cockpit log writer thread for {self._run_dir} is not running")
+        self._worker.flush()
         self._check()
 
     def close(self) -> None:

@@ -2,9 +2,11 @@
 
 Trains a small MLP with SGD on random regression data and logs, every step, the
 loss and the gradient norm of every parameter and of the whole model through a
-LogWriter. After each step's rows are handed to the writer it appends the step
-number to the report file with one os.write (the kernel keeps it even when the
-process is killed right after), so the parent knows which steps it logged.
+LogWriter. After each step's rows are handed to the writer it appends a line
+"STEP TIME" to the report file with one os.write (the kernel keeps it even when
+the process is killed right after), where TIME is the ``time.time()`` taken
+just before the rows were added, so the parent knows which steps it logged and
+when. Every ``--pause-every`` steps it pauses (an evaluation, a slow step).
 """
 
 import argparse
@@ -23,6 +25,8 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=1)
     parser.add_argument("--compact-every", type=int, default=8)
     parser.add_argument("--sleep", type=float, default=0.001, help="extra seconds per step")
+    parser.add_argument("--pause-every", type=int, default=0, help="pause after every N steps")
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds per pause")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -62,11 +66,14 @@ def main() -> None:
             rows = [("loss", "loss", "all", loss.item())]
             rows.append(("grad_norm", "grad_norm", "all", math.sqrt(sum(n * n for _, n in norms))))
             rows.extend(("grad_norm", "grad_norm", name, n) for name, n in norms)
+            added = time.time()
             log.add_scalars(step, rows)
-            os.write(report, f"{step}\n".encode())
+            os.write(report, f"{step} {added!r}\n".encode())
             optimizer.step()
             if args.sleep:
                 time.sleep(args.sleep)
+            if args.pause_every and (step + 1) % args.pause_every == 0:
+                time.sleep(args.pause)
     os.close(report)
 
 

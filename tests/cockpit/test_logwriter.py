@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -204,7 +205,8 @@ def test_segment_files_follow_the_schema(tmp_path):
 
 def test_batches_hold_whole_steps(tmp_path):
     run = tmp_path / "run"
-    with LogWriter(run, flush_every_steps=3, flush_every_seconds=3600) as log:
+    # Hand-offs every ceil(6 / 2) = 3 steps.
+    with LogWriter(run, flush_every_steps=6, flush_every_seconds=3600) as log:
         for step in range(3):
             for param in ("a", "b"):  # rows of one step arrive in several calls
                 log.add_scalar(step, "grad_norm", "grad_norm", param, 1.0)
@@ -225,14 +227,97 @@ def test_batches_hold_whole_steps(tmp_path):
 
 def test_time_based_hand_off(tmp_path):
     run = tmp_path / "run"
-    with LogWriter(run, flush_every_steps=1000, flush_every_seconds=0.05) as log:
+    with LogWriter(run, flush_every_steps=1000, flush_every_seconds=0.4) as log:
         log.add_scalar(0, "loss", "loss", "all", 1.0)
+        added_0 = time.monotonic()
+        time.sleep(0.12)
         log.add_scalar(1, "loss", "loss", "all", 1.0)
+        added_1 = time.monotonic()
         assert _segments(run) == []
-        time.sleep(0.06)
-        log.add_scalar(2, "loss", "loss", "all", 1.0)
-        _wait_for(lambda: _segments(run) == ["part-000000.parquet"])
-        assert pq.read_table(run / "scalars" / "part-000000.parquet")["step"].to_pylist() == [0, 1]
+
+        # No new step comes (a slow step, an evaluation): the background thread
+        # hands rows off once they are t/2 old, so none stays in memory for t.
+        # Step 0's window is complete (step 1 has started), so it goes alone;
+        # step 1's follows when it is t/2 old itself.
+        def on_disk():  # renamed into place; temp files do not count
+            return [name for name in _segments(run) if not name.startswith(".")]
+
+        _wait_for(lambda: len(on_disk()) >= 1)
+        assert time.monotonic() - added_0 < 0.4
+        _wait_for(lambda: len(on_disk()) == 2)
+        assert time.monotonic() - added_1 < 0.4
+        tables = [pq.read_table(run / "scalars" / name) for name in on_disk()]
+        assert [t["step"].to_pylist() for t in tables] == [[0], [1]]
+
+
+class _GatedDisk:
+    """Patch segment writes to wait for ``open()``: a disk that is as slow as the test wants."""
+
+    def __init__(self, monkeypatch):
+        import cockpit.logwriter as logwriter
+
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        real = logwriter._write_parquet_atomic
+
+        def gated(path, table, mtime=None):
+            self.started.set()
+            assert self.gate.wait(10.0), "gate never opened"
+            real(path, table, mtime)
+
+        monkeypatch.setattr(logwriter, "_write_parquet_atomic", gated)
+
+    def open(self):
+        self.gate.set()
+
+
+def _in_thread(fn):
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_training_waits_only_when_the_step_bound_needs_it(tmp_path, monkeypatch):
+    disk = _GatedDisk(monkeypatch)
+    run = tmp_path / "run"
+    # k = 4: hand-offs every 2 steps; step s may start once steps <= s - 4 are on disk.
+    with LogWriter(run, flush_every_steps=4, flush_every_seconds=3600) as log:
+        for step in range(4):  # step 2 hands off steps 0-1; the disk does not finish
+            log.add_scalar(step, "loss", "loss", "all", float(step))
+        assert disk.started.wait(5.0) and _segments(run) == []
+        starting = _in_thread(lambda: log.add_scalar(4, "loss", "loss", "all", 4.0))
+        starting.join(0.3)
+        assert starting.is_alive(), "step 4 started while step 0 was only in memory"
+        disk.open()
+        starting.join(5.0)
+        assert not starting.is_alive()
+        assert read_log(run)["step"].tolist()[:2] == [0, 1]
+    assert read_log(run)["step"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_training_waits_only_when_the_time_bound_needs_it(tmp_path, monkeypatch):
+    disk = _GatedDisk(monkeypatch)
+    run = tmp_path / "run"
+    with LogWriter(run, flush_every_steps=1000, flush_every_seconds=0.2) as log:
+        log.add_scalar(0, "loss", "loss", "all", 0.0)
+        assert disk.started.wait(5.0)  # handed off by the thread after 0.1 s
+        log.add_scalar(1, "loss", "loss", "all", 1.0)  # step 0 is < 0.2 s old: no wait
+        time.sleep(0.2)
+        starting = _in_thread(lambda: log.add_scalar(2, "loss", "loss", "all", 2.0))
+        starting.join(0.3)
+        assert starting.is_alive(), "step 2 started while rows older than t were in memory"
+        disk.open()
+        starting.join(5.0)
+        assert not starting.is_alive()
+    assert read_log(run)["step"].tolist() == [0, 1, 2]
+
+
+def test_flush_every_step_writes_each_step_before_the_next(tmp_path):
+    run = tmp_path / "run"
+    with LogWriter(run, flush_every_steps=1, flush_every_seconds=3600) as log:
+        for step in range(5):
+            log.add_scalars(step, [("loss", "loss", "all", float(step))] * 2)
+            assert read_log(run)["step"].tolist() == [s for s in range(step) for _ in (0, 1)]
 
 
 def test_flush_blocks_until_everything_is_on_disk(tmp_path):
