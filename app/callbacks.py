@@ -107,6 +107,17 @@ def needed_reads(panels: Sequence[Panel]) -> frozenset[tuple[str, str, str | Non
     Returns:
         The reads (``param=None``: every param of the instrument).
 
+    Example:
+        >>> from app.callbacks import needed_reads
+        >>> from app.layout import panel_catalog
+        >>> reads = needed_reads([p for p in panel_catalog() if p.name == "grad_norm"])
+        >>> ("scalars", "grad_norm", "all") in reads  # the panel's rows
+        True
+        >>> ("scalars", "alpha", "all") in reads  # the hints read alpha too
+        True
+        >>> ("scalars", "grad_norm", "0.weight") in reads  # per-tensor rows no panel shows
+        False
+
     """
     reads = {("scalars", inst, "all") for inst in _HINT_SCALARS}
     reads |= {("histograms", inst, param) for inst, param in _HINT_HISTS}
@@ -130,6 +141,15 @@ class View:
         x: ``"step"`` or ``"wall_time"``.
         layer: Parameter tensor of the per-layer panels.
         logs: Log toggle per panel name.
+
+    Example:
+        >>> from app.callbacks import View
+        >>> view = View.parse(["b", "a", "b", 3], "z", "0.5", "epochs", "", {"loss": ["log"]})
+        >>> view  # duplicates and non-strings dropped, invalid values replaced by defaults
+        View(runs=('b', 'a'), focus='b', smoothing=0.5, x='step', layer=None, logs={'loss': True})
+        >>> key = view.key()  # JSON, stored in the client's state with the figures it produced
+        >>> key["runs"], key["focus"], key["logs"]
+        (['b', 'a'], 'b', {'loss': True})
 
     """
 
@@ -197,6 +217,14 @@ class Result:
         hints: Children of the hint list.
         status: Children of the run status line.
 
+    Example:
+        >>> from app.callbacks import Result
+        >>> result = Result()  # nothing to send: every output stays as it is
+        >>> result.figures, result.extend, result.state is None
+        ({}, {}, True)
+        >>> Result(extend={"loss": [{"x": [[3.0]], "y": [[0.2]]}, [0], 2000]}).extend["loss"][1]
+        [0]
+
     """
 
     figures: dict[str, Any] = field(default_factory=dict)
@@ -235,6 +263,15 @@ def plain_figure(fig: go.Figure, kind: str = "") -> dict[str, Any]:
 
     Returns:
         ``{"data": [...], "layout": {...}}``.
+
+    Example:
+        >>> import numpy as np
+        >>> import plotly.graph_objects as go
+        >>> from app.callbacks import plain_figure
+        >>> fig = go.Figure(go.Scatter(x=np.arange(3), y=np.array([1.0, np.nan, 0.5])))
+        >>> plain = plain_figure(fig, kind="line")
+        >>> plain["data"][0]["x"], plain["data"][0]["y"]  # lists (extendable), NaN as None
+        ([0, 1, 2], [1.0, None, 0.5])
 
     """
     layout = fig.layout.to_plotly_json()
@@ -456,6 +493,44 @@ class Updater:
             are whole small figures, not extensions); line and heatmap-over-time panels grow
             on every tick.
         hints_s: The hints are recomputed at most this often.
+
+    Example:
+        One client's life: a full build, then ticks that send only the new points.
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from app.callbacks import Updater, View
+        >>> from app.data import LogCache
+        >>> from app.layout import panel_catalog
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> writer = LogWriter(Path(tmp.name) / "sgd")
+        >>> for step in range(3):
+        ...     writer.add_scalar(step, "grad_norm", "grad_norm", "all", 1.0 / (step + 1))
+        >>> writer.flush()
+        >>> panels = [p for p in panel_catalog() if p.name == "grad_norm"]
+        >>> updater = Updater(LogCache(tmp.name, min_refresh_s=0.0), panels)
+        >>> view = View.parse(["sgd"], None, 0.0, "step", None, {})
+        >>> first = updater.full(view)  # what update() answers on a first load
+        >>> sorted(first.figures), first.state["cursors"]["sgd"]["scalars"]
+        (['grad_norm'], 0)
+        >>> writer.add_scalar(3, "grad_norm", "grad_norm", "all", 0.2)
+        >>> writer.flush()
+        >>> tick = updater.tick(view, first.state)
+        >>> tick.figures, tick.extend["grad_norm"]  # no figure, one new point
+        ({}, [{'x': [[3.0]], 'y': [[0.2]]}, [0], 2000])
+        >>> updater.update("tick", view, tick.state).extend  # nothing new since
+        {}
+        >>> logged = View.parse(["sgd"], None, 0.0, "step", None, {"grad_norm": ["log"]})
+        >>> toggled = updater.toggle_log("grad_norm", logged, tick.state)
+        >>> type(toggled.figures["grad_norm"]).__name__  # only the axis types change
+        'Patch'
+        >>> rebuilt = updater.rebuild(["grad_norm"], logged, toggled.state)  # at the cursors
+        >>> fig, compact = updater.build(panels[0], logged, {"sgd": updater.cache.get("sgd")})
+        >>> len(fig.data[0].x), fig.layout.yaxis.type, compact
+        (4, 'log', False)
+        >>> writer.close()
+        >>> tmp.cleanup()
     """
 
     def __init__(
@@ -842,6 +917,14 @@ def render_status(items: Sequence[Mapping[str, Any]]) -> list:
     Returns:
         Dash components.
 
+    Example:
+        >>> from app.callbacks import render_status
+        >>> line = render_status([{"run": "sgd", "status": "live", "color": "#1F77B4", "step": 3}])
+        >>> [part.children for part in line[0].children[1:]]
+        ['sgd', 'live', 'step 3']
+        >>> render_status([])[0].children
+        'no run selected'
+
     """
     if not items:
         return [html.Span("no run selected", className="cp-badge")]
@@ -913,6 +996,26 @@ def register_callbacks(
 
     Returns:
         The :class:`Updater` behind the main callback.
+
+    Example:
+        What :func:`app.create_app` does:
+
+        >>> import tempfile
+        >>> from dash import Dash
+        >>> from app.callbacks import needed_reads, register_callbacks
+        >>> from app.data import LogCache
+        >>> from app.layout import build_layout, panel_catalog
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> panels = panel_catalog()
+        >>> cache = LogCache(tmp.name, keep=needed_reads(panels))
+        >>> app = Dash("cockpit-demo")
+        >>> app.layout = build_layout(panels, tmp.name, refresh_ms=2000)
+        >>> updater = register_callbacks(app, cache, panels, snapshot_s=5.0)
+        >>> updater.snapshot_s, len(updater.panels) == len(panels)
+        (5.0, True)
+        >>> any("panel" in output for output in app.callback_map)  # the main callback
+        True
+        >>> tmp.cleanup()
 
     """
     updater = Updater(cache, panels, **updater_options)
