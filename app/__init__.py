@@ -134,6 +134,24 @@ def create_app(
         NotADirectoryError: If ``root`` is not a directory.
         ValueError: If ``refresh_s`` is not positive.
 
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from app import create_app
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> with LogWriter(Path(tmp.name) / "sgd", {"tags": {"lr": 0.1}}) as writer:
+        ...     writer.add_scalar(0, "loss", "loss", "all", 1.0)
+        >>> dash_app = create_app(tmp.name, refresh_s=1.0, prewarm=False)
+        >>> client = dash_app.server.test_client()  # or serve dash_app.server with any WSGI server
+        >>> [(r["run_id"], r["status"]) for r in client.get("/api/runs").get_json()]
+        [('sgd', 'finished')]
+        >>> client.get("/api/runs/sgd").get_json()["tags"]
+        {'lr': 0.1}
+        >>> client.get("/api/runs/..%2Fetc").status_code  # only runs directly under the root
+        404
+        >>> tmp.cleanup()
+
     """
     from dash import Dash
 
@@ -190,6 +208,20 @@ def serve(
     Raises:
         FileNotFoundError: If ``root`` does not exist.
         NotADirectoryError: If ``root`` is not a directory.
+
+    Example:
+        Serving blocks until interrupted; with ``Dash.run`` stubbed out, the call it makes:
+
+        >>> import tempfile
+        >>> from unittest import mock
+        >>> from app import serve
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> with mock.patch("dash.Dash.run") as run:
+        ...     serve(tmp.name, port=8051)
+        0
+        >>> run.call_args.kwargs  # this machine only, debug mode off
+        {'host': '127.0.0.1', 'port': 8051, 'debug': False}
+        >>> tmp.cleanup()
 
     """
     app = create_app(root, refresh_s)
