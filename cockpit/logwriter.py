@@ -89,11 +89,51 @@ __all__ = ["LockError", "LogWriteError", "LogWriter", "compact", "new_run_dir"]
 
 
 class LockError(RuntimeError):
-    """The run directory is already open in another writer (or compaction)."""
+    """The run directory is already open in another writer (or compaction).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LockError, LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> writer = LogWriter(Path(tmp.name) / "run")
+        >>> try:
+        ...     LogWriter(Path(tmp.name) / "run")  # a second writer for the same run
+        ... except LockError as exc:
+        ...     print(str(exc).split(" (lock file")[0])
+        /.../run is already open in a LogWriter of process ... on ...
+        >>> writer.close()
+        >>> tmp.cleanup()
+    """
 
 
 class LogWriteError(OSError):
-    """Writing the log failed (raised in the caller thread by ``strict`` writers)."""
+    """Writing the log failed (raised in the caller thread by ``strict`` writers).
+
+    Example:
+        A ``strict`` writer raises in the training thread when the disk write fails:
+
+        >>> import shutil, tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriteError, LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> run = Path(tmp.name) / "run"
+        >>> writer = LogWriter(run, strict=True)
+        >>> writer.add_scalar(0, "loss", "loss", "all", 1.0)
+        >>> writer.flush()
+        >>> shutil.rmtree(run / "scalars")
+        >>> _ = (run / "scalars").write_text("not a directory")  # break the table directory
+        >>> try:
+        ...     writer.add_scalar(1, "loss", "loss", "all", 0.5)
+        ...     writer.flush()
+        ... except LogWriteError as exc:
+        ...     print(str(exc).split(": [Errno")[0])
+        cockpit log: writing to .../run failed
+        >>> writer.close()
+        >>> writer.rows_dropped  # a non-strict writer warns once and counts instead
+        1
+        >>> tmp.cleanup()
+    """
 
 
 # ---------------------------------------------------------------------------
@@ -300,6 +340,14 @@ def new_run_dir(root: str | os.PathLike, name: str | None = None) -> Path:
     Raises:
         NotADirectoryError: If ``root`` exists but is not a directory.
         ValueError: If ``name`` is not a plain directory name.
+
+    Example:
+        >>> import tempfile
+        >>> from cockpit.logwriter import new_run_dir
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> [new_run_dir(tmp.name, "sgd").name for _ in range(3)]
+        ['sgd', 'sgd-1', 'sgd-2']
+        >>> tmp.cleanup()
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
@@ -797,6 +845,33 @@ class LogWriter:
     ``start_time`` and ``run_id`` are kept, and ``END`` is removed until close.
     A failed write drops its rows (counted in :attr:`rows_dropped`) and still
     counts as written for the bound, so a broken disk never blocks training.
+
+    Example:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from pathlib import Path
+        >>> from cockpit.logreader import read_events, read_histograms, read_log, run_status
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> writer = LogWriter(Path(tmp.name) / "sgd", {"tags": {"lr": 0.1}}, flush_every_steps=10)
+        >>> for step in range(3):
+        ...     writer.add_scalars(step, [("loss", "loss", "all", 1.0 / (step + 1)),
+        ...                               ("grad_norm", "grad_norm", "0.weight", 0.5)])
+        ...     writer.add_scalar(step, "user", "accuracy", "all", 0.5 + 0.1 * step)
+        >>> counts, edges = np.histogram([0.1, -0.2, 0.3], bins=4, range=(-1, 1))  # [B], [B + 1]
+        >>> writer.add_histogram(2, "grad_hist_1d", "all", counts, [edges])
+        >>> writer.add_event("info", "learning rate halved", step=2)
+        >>> writer.flush()  # on disk now; readers see it while the run is live
+        >>> run_status(writer.run_dir), len(read_log(writer.run_dir))
+        ('live', 9)
+        >>> writer.close()  # writes END and releases LOCK
+        >>> writer.closed, writer.rows_dropped, run_status(writer.run_dir)
+        (True, 0, 'finished')
+        >>> read_histograms(writer.run_dir).counts[0].tolist()
+        [0.0, 1.0, 2.0, 0.0]
+        >>> read_events(writer.run_dir).message.tolist()
+        ['learning rate halved']
+        >>> tmp.cleanup()
     """
 
     def __init__(
@@ -1124,6 +1199,24 @@ def compact(
     Raises:
         FileNotFoundError: If ``run_dir`` is not a run directory.
         LockError: If another compaction still holds the run after ``wait`` seconds.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logreader import read_log
+        >>> from cockpit.logwriter import LogWriter, compact
+        >>> from cockpit.schema import list_segments
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> run = Path(tmp.name) / "run"
+        >>> with LogWriter(run) as writer:
+        ...     for step in range(3):
+        ...         writer.add_scalar(step, "loss", "loss", "all", 1.0)
+        ...         writer.flush()  # one segment per step
+        >>> compact(run)
+        {'scalars': 3, 'histograms': 0, 'events': 0}
+        >>> [s.name for s in list_segments(run / "scalars")], read_log(run).step.tolist()
+        (['part-000000-000002.parquet'], [0, 1, 2])
+        >>> tmp.cleanup()
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
