@@ -358,10 +358,12 @@ def _lines_figure(
 
     for run, df in runs.items():
         lines = lines_for(run, df)
-        if df is not None and not df.empty:  # one scan of the log, then small frames per line
-            df = df[df["instrument"].isin({line.instrument for line in lines})]
+        extracted: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
         for line in lines:
-            xs, ys = series(df, line.instrument, line.metric, line.param, x)
+            key = (line.instrument, line.metric, line.param)
+            if key not in extracted:  # e.g. the actual batch size, drawn in every row
+                extracted[key] = series(df, *key, x)
+            xs, ys = extracted[key]
             if smoothing > 0.0 and line.smooth:
                 smoothed, state = ema_with_state(ys, smoothing)
                 add(run, line, "raw", xs, ys, None)

@@ -192,6 +192,41 @@ def test_series_filters_sorts_and_deduplicates():
     np.testing.assert_array_equal(y, [64.0])
 
 
+def _series_with_pandas(df, instrument, metric=None, param="all", x="step"):
+    """The reference: mask, stable sort by step, last row per step, then sort by x."""
+    metric = instrument if metric is None else metric
+    mask = (df["instrument"] == instrument) & (df["metric"] == metric) & (df["param"] == param)
+    cols = ["step", "value"] if x == "step" else ["step", "wall_time", "value"]
+    sub = df.loc[mask, cols].sort_values("step", kind="stable")
+    sub = sub.drop_duplicates("step", keep="last").sort_values(x, kind="stable")
+    return sub[x].to_numpy(dtype=np.float64), sub["value"].to_numpy(dtype=np.float64)
+
+
+@pytest.mark.parametrize("categorical", [False, True])
+def test_series_equals_the_pandas_reference_on_random_logs(categorical):
+    rng = np.random.default_rng(int(categorical))
+    for _ in range(50):
+        n = int(rng.integers(0, 200))
+        df = pd.DataFrame(
+            {
+                "step": rng.integers(0, 30, n),
+                "wall_time": rng.integers(0, 4, n).astype(float),  # ties: stable order
+                "instrument": rng.choice(["a", "b"], n),
+                "metric": rng.choice(["a", "m"], n),
+                "param": rng.choice(["all", "p"], n),
+                "value": np.where(rng.random(n) < 0.1, np.nan, rng.random(n)),
+            }
+        )
+        if categorical:
+            df = df.astype({c: "category" for c in ("instrument", "metric", "param")})
+        for args in (("a",), ("a", "m"), ("b", None, "p"), ("missing",)):
+            for x in ("step", "wall_time"):
+                got, want = T.series(df, *args, x=x), _series_with_pandas(df, *args, x=x)
+                for g, w in zip(got, want, strict=True):
+                    np.testing.assert_array_equal(g, w)
+                    assert g.dtype == np.float64
+
+
 def test_series_wall_time_and_empty_inputs():
     df = scalars([(s, "loss", "loss", "all", float(s)) for s in range(5)])
     x, y = T.series(df, "loss", x="wall_time")
