@@ -68,10 +68,21 @@ def run_doctests(module: types.ModuleType) -> tuple[int, int, str]:
     return failed, attempted, "".join(lines)
 
 
+def _registries() -> tuple[dict, ...]:
+    import cockpit.layers
+    import instruments
+
+    return dict(instruments.INSTRUMENTS), dict(cockpit.layers._RULES)
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_doctests(name):
+    before = _registries()
     failed, attempted, report = run_doctests(importlib.import_module(name))
     assert failed == 0, f"{failed} of {attempted} examples in {name} failed:\n{report}"
+    # Examples that register an instrument or a layer rule remove it again, so the rest of the
+    # suite sees the registries as they were.
+    assert _registries() == before
 
 
 def test_a_failing_example_fails():
