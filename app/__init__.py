@@ -15,6 +15,7 @@ Module map: :mod:`app.data` (discovery, path safety, the shared incremental cach
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -157,6 +158,7 @@ def create_app(
 
     from app.callbacks import needed_reads, register_callbacks
     from app.data import LogCache
+    from app.figures import warm_up
     from app.layout import CSS, build_layout, panel_catalog
 
     if not (isinstance(refresh_s, (int, float)) and math.isfinite(refresh_s) and refresh_s > 0):
@@ -183,6 +185,7 @@ def create_app(
     register_callbacks(app, cache, panels, snapshot_s=snapshot_s)
     _register_api(app.server, cache)
     app.server.extensions["cockpit_cache"] = cache
+    warm_up()  # Plotly's validators load now, not in the first request
     if prewarm:
         _prewarm(cache)
     return app
@@ -225,6 +228,9 @@ def serve(
 
     """
     app = create_app(root, refresh_s)
+    # What start-up built (modules, layout, Plotly's validators) lives as long as the server:
+    # keep it out of the collector's full passes, which otherwise cost ~0.1 s in a request.
+    gc.freeze()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     _log.info("cockpit dashboard for %s on http://%s:%d/", os.fspath(root), host, port)
     app.run(host=host, port=port, debug=False)
