@@ -1,8 +1,15 @@
 """Dashboard benchmark: page load and refresh cost (server time) on a 10⁵-step full-preset run.
 
-Run ``python -m benchmarks.bench_dashboard [--steps 100000] [--clients 20] [--duration 30]``.
-It prints a Markdown table. Targets: page load < 2 s and a refresh < 300 ms (one client),
-and refreshes < 1 s while 20 clients refresh every 2 s.
+Run ``python -m benchmarks.bench_dashboard [--steps 100000] [--clients 20] [--duration 30]
+[--cold-runs 5] [--rev HEAD] [--compare REV]``. It prints a Markdown table and writes
+``results/dashboard.{md,json}`` (``--out DIR``; ``--out -`` prints only). Targets: page load
+< 2 s and a refresh < 300 ms (one client), and refreshes < 1 s while 20 clients refresh every
+2 s.
+
+Code measured. ``--rev`` (default ``HEAD``) is measured from a ``git archive`` snapshot, so
+edits in the working tree cannot change it (commit before benchmarking; ``--rev worktree``
+measures the working tree). ``--compare REV`` also times the cold page loads of another commit
+on the same run, interleaved with the measured ones, so both see the same machine load.
 
 Workload. One run written with the real :class:`~cockpit.logwriter.LogWriter` (default
 batching and background compaction) at the row counts of a real Cockpit with the ``full``
@@ -16,16 +23,23 @@ see ``tests/app/_train_for_dashboard.py``, plus the curvature instruments):
 * every ``--hist-every`` (100) steps: grad_hist_1d (100 bins) and grad_hist_2d (40 × 50),
   model-wide and per tensor (14 histograms).
 
-Method. The app runs in its own process (``serve`` sub-command: ``create_app`` behind a WSGI
-middleware that adds a ``Server-Timing`` header to every response, served by Werkzeug's
-threaded server on a loopback port). Clients replay the requests the Dash renderer makes —
-index, layout, dependencies, then the callback chain URL → run selection → focus → layer →
-main callback (full build) — and then the main callback on every interval tick with the
-state the previous answer returned. *Server time* is the sum of the ``Server-Timing``
-durations of a page load's requests, or the duration of one tick request. Cold: the first
-page load after the server started (the run is read from disk); warm: a later one (the run
-is in the server's shared cache). While refreshes are measured, a writer appends steps
-(≈ 25 steps/s, full preset rows) so every tick has new rows to send.
+Method. The app runs in its own process (``serve`` sub-command: ``create_app`` with
+``prewarm=False`` and then ``gc.freeze()`` as :func:`app.serve` does, behind a WSGI middleware
+that adds a ``Server-Timing`` header to every response, served by Werkzeug's threaded server on
+a loopback port). Clients replay the requests the Dash renderer makes — index, layout,
+dependencies, then the callback chain URL → run selection → focus → layer (the first read of
+the run happens here) → main callback (full build) — and then the main callback on every
+interval tick with the state the previous answer returned. *Server time* is the sum of the
+``Server-Timing`` durations of a page load's requests, or the duration of one tick request.
+
+* *Cold*: the first page load after a server process started: nothing of the run has been
+  read, no figure built (the Parquet files are in the OS page cache, as right after training).
+  Each of ``--cold-runs`` starts is a new process; reported: median (min–max), and the time
+  from spawning the process to its first answer (imports and ``create_app``).
+* *Warm*: later loads (the run is in the server's shared cache), each with a view no client
+  has seen, so every figure is built; *shared*: a view an earlier client had (figures shared).
+* *Refresh*: while a writer appends steps (≈ 25 steps/s, full preset rows) so every tick has
+  new rows to send, one client and then ``--clients`` clients tick every ``--interval`` s.
 """
 
 from __future__ import annotations
@@ -177,6 +191,7 @@ class ServerTiming:
 
 def serve(root: str, port: int, refresh_s: float) -> None:
     """The ``serve`` sub-command: the app on 127.0.0.1:port with the timing middleware."""
+    import gc
     import logging
 
     from werkzeug.serving import make_server
@@ -184,7 +199,8 @@ def serve(root: str, port: int, refresh_s: float) -> None:
     from app import create_app
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    app = create_app(root, refresh_s=refresh_s, prewarm=False)
+    app = create_app(root, refresh_s=refresh_s, prewarm=False)  # nothing read before a request
+    gc.freeze()  # as app.serve does after create_app
     app.server.wsgi_app = ServerTiming(app.server.wsgi_app)
     make_server("127.0.0.1", port, app.server, threaded=True).serve_forever()
 
@@ -345,6 +361,97 @@ def _load_ms(times: dict[str, float]) -> float:
     return sum(v for k, v in times.items() if k != "bytes")
 
 
+def _med_range(values: Sequence[float], scale: float = 1.0, fmt: str = ".2f") -> str:
+    """``median (min–max)`` of ``values * scale``."""
+    v = [x * scale for x in values]
+    return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}–{max(v):{fmt}})"
+
+
+def _snapshot(rev: str, into: Path) -> tuple[Path, str]:
+    """``git archive`` of ``rev`` (the packages the benchmark runs) in a new directory."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dest = into / commit[:12]
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", commit, "app", "cockpit", "instruments", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest, commit
+
+
+class Server:
+    """The app in its own process (the ``serve`` sub-command of the code in ``code``)."""
+
+    def __init__(self, code: Path, root: Path, interval: float) -> None:
+        port = _free_port()
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_dashboard",
+                "serve",
+                str(root),
+                str(port),
+                str(interval),
+            ],
+            cwd=code,
+            env={**os.environ, "PYTHONPATH": str(code)},
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/api/runs", timeout=5).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    raise RuntimeError("the dashboard server did not start") from None
+                time.sleep(0.1)
+        #: Seconds from spawning the process to its first answer (imports, create_app).
+        self.startup_s = time.perf_counter() - started
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def _cold_then_warm(code: Path, root: Path, interval: float) -> dict[str, Any]:
+    """A fresh server: its first page load (cold), then a load with another view (warm)."""
+    server = Server(code, root, interval)
+    try:
+        cold = Client(server.url, RUN).load()
+        warm = Client(server.url, RUN, smoothing=0.51).load()
+    finally:
+        server.close()
+    return {"startup_s": server.startup_s, "cold": cold, "warm": warm}
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": model, "python": platform.python_version()}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_dashboard")
     parser.add_argument("--steps", type=int, default=100_000)
@@ -354,15 +461,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between ticks")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of ticking")
     parser.add_argument("--live-steps-per-s", type=float, default=25.0)
+    parser.add_argument("--cold-runs", type=int, default=5, help="server starts per code version")
+    parser.add_argument(
+        "--rev", default="HEAD", help="commit to measure (git archive), or 'worktree'"
+    )
+    parser.add_argument("--compare", default=None, help="also time cold loads of this commit")
     parser.add_argument("--root", default=None, help="log root to use (default: a temp dir)")
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).parent / "results"),
+        help="directory for dashboard.json and dashboard.md ('-': print only)",
+    )
     args = parser.parse_args(argv)
 
-    tmp = None
-    if args.root is None:
-        tmp = tempfile.mkdtemp(prefix="cockpit-bench-dashboard-")
-    root = Path(args.root or tmp)
+    load_start = os.getloadavg()
+    date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    tmp = Path(tempfile.mkdtemp(prefix="cockpit-bench-dashboard-"))
+    root = Path(args.root) if args.root else tmp / "root"
+    root.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
+    record: dict[str, Any] = {"date": date, "machine": _machine(), "args": vars(args)}
     try:
+        if args.rev == "worktree":
+            code, commit = ROOT, "working tree"
+        else:
+            code, commit = _snapshot(args.rev, tmp / "code")
+        versions = {"measured": code}
+        commits = {"measured": commit}
+        if args.compare:
+            versions["baseline"], commits["baseline"] = _snapshot(args.compare, tmp / "code")
+        record["commits"] = commits
+        sys.path.insert(0, str(code))  # the writer of the measured code writes the run
+
         t0 = time.perf_counter()
         run = RunWriter(root / RUN, args.curv_every, args.hist_every)
         for _ in range(0, args.steps, 1000):
@@ -379,41 +509,43 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         )
 
-        port = _free_port()
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.bench_dashboard",
-                "serve",
-                str(root),
-                str(port),
-                str(args.interval),
-            ],
-            cwd=ROOT,
-            env=env,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(url + "/api/runs", timeout=5).read()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError("the dashboard server did not start") from None
-                    time.sleep(0.2)
-            cold = Client(url, RUN).load()
+        # Cold loads: each is the first page load of a freshly started server process (nothing
+        # read, nothing built; the files are in the OS page cache, as right after training).
+        # Code versions alternate, and which goes first alternates too.
+        cold: dict[str, list[dict[str, Any]]] = {name: [] for name in versions}
+        order = list(versions)
+        for k in range(args.cold_runs):
+            for name in order if k % 2 == 0 else order[::-1]:
+                cold[name].append(_cold_then_warm(versions[name], root, args.interval))
+        record["cold"] = cold
+        for name in versions:
+            runs = cold[name]
+            label = "" if name == "measured" else f" — baseline {commits[name][:7]}"
+            loads = [_load_ms(r["cold"]) / 1e3 for r in runs]
+            reads = [r["cold"]["layer"] / 1e3 for r in runs]
+            builds = [r["cold"]["main (full build)"] / 1e3 for r in runs]
             rows.append(
                 (
-                    "page load, cold (server; run read from disk)",
-                    f"{_load_ms(cold) / 1e3:.2f} s (reading + main build "
-                    f"{(cold['layer'] + cold['main (full build)']) / 1e3:.2f} s)",
+                    f"page load, cold (server; first load after a start){label}",
+                    f"{_med_range(loads)} s, median (min–max) of {len(runs)} starts: "
+                    f"reading {_med_range(reads)} s + main build {_med_range(builds)} s; "
+                    f"{runs[0]['cold']['bytes'] / 1e6:.1f} MB",
+                    "< 2 s" if name == "measured" else "",
+                )
+            )
+            rows.append(
+                (
+                    f"server start (spawn to first answer){label}",
+                    f"{_med_range([r['startup_s'] for r in runs])} s",
                     "",
                 )
             )
+        warm_first = [_load_ms(r["warm"]) / 1e3 for r in cold["measured"]]
+
+        server = Server(code, root, args.interval)
+        url = server.url
+        try:
+            Client(url, RUN).load()  # this server's cold load (already measured above)
             # Each load with its own smoothing: a view no client has seen, so every figure is
             # built (clients with the same view of the same rows would share the figures).
             warm = [Client(url, RUN, smoothing=0.5 + 0.01 * k).load() for k in range(3)]
@@ -423,7 +555,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "page load, warm (server; run cached, figures built)",
                     f"{statistics.median(_load_ms(w) for w in warm) / 1e3:.2f} s median "
                     f"of 3 (main build {build / 1e3:.2f} s, "
-                    f"{warm[0]['bytes'] / 1e6:.1f} MB)",
+                    f"{warm[0]['bytes'] / 1e6:.1f} MB); right after the cold loads: "
+                    f"{_med_range(warm_first)} s",
                     "< 2 s",
                 )
             )
@@ -435,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "",
                 )
             )
+            record["warm"] = warm
+            record["shared"] = shared
 
             # Live refreshes: a writer appends steps, clients tick every interval.
             stop = threading.Event()
@@ -462,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             single: list = []
             tick_loop(one, single, time.monotonic() + args.duration / 2, 0.0)
             server_ms = [s for s, _ in single]
+            record["refresh_1"] = single
             rows.append(
                 (
                     "refresh, 1 client (server p50 / p95 / max)",
@@ -472,9 +608,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
 
             clients = [Client(url, RUN) for _ in range(args.clients)]
-            loads = []
             for c in clients:
-                loads.append(_load_ms(c.load()))
+                c.load()
             results: list[list] = [[] for _ in clients]
             until = time.monotonic() + args.duration
             threads = [
@@ -491,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             writer_thread.join()
             server_ms = [s for r in results for s, _ in r]
             wall_ms = [w for r in results for _, w in r]
+            record["refresh_many"] = results
             rows.append(
                 (
                     f"refresh, {args.clients} clients every {args.interval:g} s "
@@ -511,22 +647,43 @@ def main(argv: Sequence[str] | None = None) -> None:
                 ("live rows appended meanwhile", f"{run.next_step - args.steps:,} steps", "")
             )
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.close()
             run.close()
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
 
-    load = os.getloadavg()
+    load_end = os.getloadavg()
+    record.update(load_start=load_start, load_end=load_end, rows=rows)
+    machine = record["machine"]
     lines = [
-        f"Dashboard benchmark ({os.cpu_count()} CPUs, load average {load[0]:.1f} at the end)",
+        "# Dashboard benchmark",
+        "",
+        "Server time (the sum of the `Server-Timing` durations of a page load's requests, or of "
+        f"one refresh) on a {args.steps:,}-step `full`-preset run. *Cold*: the first page load "
+        "after the server process started (nothing read, nothing built; the Parquet files are in "
+        "the OS page cache). Generated by `python -m benchmarks.bench_dashboard`; do not edit by "
+        "hand.",
+        "",
+        f"- machine: {machine['cpu'] or 'unknown CPU'}, {machine['cpus']} CPUs, "
+        f"Python {machine['python']}",
+        f"- date: {date}; load average at start {'/'.join(f'{x:.1f}' for x in load_start)}, "
+        f"at end {'/'.join(f'{x:.1f}' for x in load_end)}",
+        "- code: "
+        + "; ".join(f"{name} {c if c == 'working tree' else c[:7]}" for name, c in commits.items()),
         "",
         "| measurement | result | target |",
         "|---|---|---|",
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
     ]
-    sys.stdout.write("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    sys.stdout.write(text)
+    if args.out != "-":
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dashboard.md").write_text(text)
+        (out / "dashboard.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
