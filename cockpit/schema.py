@@ -89,7 +89,7 @@ under :data:`SEGMENTS_KEY` (JSON ``[[lo, hi, n_rows], ...]``, one entry per
 original segment). Once it is in place, it supersedes every file whose range
 it contains, and readers ignore those; the small files are deleted afterwards.
 Compaction runs from :func:`cockpit.logwriter.compact` and, every
-``compact_every`` segments, in the writer's background thread; both hold
+``compact_every`` segments, in the writer's compaction thread; both hold
 ``.COMPACT_LOCK`` (JSON like ``LOCK``) while they work.
 Rows within a segment are in the order they were added; a value for an earlier
 step may arrive in a later segment.
