@@ -502,10 +502,14 @@ def _to_frame(parts: Sequence[tuple[str, str, _Piece]], table: str) -> pd.DataFr
 
 
 class _Columns(NamedTuple):
-    """Freshly read rows of one table: plain columns and dictionary-encoded string columns."""
+    """Freshly read rows of one table: plain columns and dictionary-encoded string columns.
+
+    ``max_step``: the highest step read, when rows were dropped (see ``keep``) before these.
+    """
 
     arrays: dict[str, np.ndarray]
     codes: dict[str, tuple[np.ndarray, list[str]]]
+    max_step: int | None = None
 
     @property
     def size(self) -> int:
@@ -523,71 +527,119 @@ def _from_pandas(df: pd.DataFrame, table: str) -> _Columns:
     return _Columns(arrays, codes)
 
 
-def _list_rows(column: pa.ChunkedArray, shapes: Sequence[tuple[int, ...]] | None = None):
-    """One numpy array per row of a ``list<...>`` column (reshaped to ``shapes`` if given).
+def _list_rows(column: pa.Array, shapes: Sequence[tuple[int, ...]] | None = None) -> np.ndarray:
+    """One numpy array per row of a ``list<...>`` array (reshaped to ``shapes`` if given).
 
     The rows are read-only views of the Arrow buffers (the values are not copied); nothing in
     the app writes into a histogram.
     """
     out = np.empty(len(column), dtype=object)
-    at = 0
-    for chunk in column.chunks:
-        if len(chunk) == 0:
-            continue
-        offsets = chunk.offsets.to_numpy().tolist()
-        values = chunk.values.to_numpy(zero_copy_only=False)
-        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
-            out[at] = values[a:b] if shapes is None else values[a:b].reshape(shapes[at])
-            at += 1
+    offsets = column.offsets.to_numpy().tolist()
+    values = column.values.to_numpy(zero_copy_only=False)
+    for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+        out[i] = values[a:b] if shapes is None else values[a:b].reshape(shapes[i])
     return out
 
 
-def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
-    """Integer codes and their names for a string column (dictionary-encoded or plain).
+def _shapes(column: pa.Array) -> np.ndarray:
+    """The ``shape`` list column as an object array of tuples."""
+    out = np.empty(len(column), dtype=object)
+    offsets = column.offsets.to_numpy().tolist()
+    dims = column.values.to_numpy(zero_copy_only=False).tolist()
+    for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+        out[i] = tuple(dims[a:b])
+    return out
 
-    A dictionary-encoded column (as :func:`_bulk_read` reads them) has one dictionary per
-    chunk; each chunk's codes are remapped onto one shared list of names, so no Python string
-    is built per row.
-    """
+
+def _batch_codes(column: pa.Array) -> tuple[np.ndarray, list[str]]:
+    """Indices into a list of names for a string array (dictionary-encoded or plain)."""
     if not pa.types.is_dictionary(column.type):
         column = column.dictionary_encode()
-    names: dict[str, int] = {}
-    parts = []
-    for chunk in column.chunks:
-        local = chunk.dictionary.to_pylist()
-        remap = np.array([names.setdefault(str(v), len(names)) for v in local], dtype=np.int32)
-        indices = chunk.indices.to_numpy(zero_copy_only=False)
-        parts.append(remap[indices] if remap.size else indices.astype(np.int32))
-    codes = np.concatenate(parts) if parts else np.empty(0, np.int32)
-    return codes, list(names)
+    names = [str(v) for v in column.dictionary.to_pylist()]
+    return column.indices.to_numpy(zero_copy_only=False), names
 
 
-def _from_arrow(data: pa.Table, table: str) -> _Columns:
-    """Rows of a Parquet scan, converted without building Python strings."""
-    arrays: dict[str, np.ndarray] = {}
-    codes = {}
-    shapes = None
-    if table == "histograms":
-        shapes = np.empty(data.num_rows, dtype=object)
-        at = 0
-        for chunk in data.column("shape").chunks:
-            offsets = chunk.offsets.to_numpy().tolist()
-            dims = chunk.values.to_numpy(zero_copy_only=False).tolist()
-            for a, b in zip(offsets[:-1], offsets[1:], strict=True):
-                shapes[at] = tuple(dims[a:b])
-                at += 1
-    for name in _COLUMNS[table]:
-        if name in _CATEGORICAL:
-            codes[name] = _codes(data.column(name))
-        elif name == "shape":
-            arrays[name] = shapes
-        elif name == "counts":
-            arrays[name] = _list_rows(data.column(name), shapes)
-        elif name in ("edges_0", "edges_1"):
-            arrays[name] = _list_rows(data.column(name))
-        else:
-            arrays[name] = data.column(name).to_numpy()
-    return _Columns(arrays, codes)
+_EMPTY_DTYPES = {"step": np.int64, "wall_time": np.float64, "value": np.float64}
+
+
+class _ScanRows:
+    """The rows of a bulk scan that ``keep`` names, collected batch by batch.
+
+    Each record batch is filtered as it arrives (the string columns are compared per batch on
+    their small dictionaries, not per row), so unkept rows are never copied, and the numpy work
+    overlaps with Arrow decoding the next files in its own threads. Codes of the string
+    columns are remapped onto names shared by all batches.
+    """
+
+    def __init__(self, table: str, keep: Collection[Read] | None) -> None:
+        self.table = table
+        self.rules = None if keep is None else {(i, p) for t, i, p in keep if t == table}
+        self.names: dict[str, dict[str, int]] = {
+            n: {} for n in _CATEGORICAL if n in _COLUMNS[table]
+        }
+        self.parts: list[tuple[int, int, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        self.max_step: int | None = None
+
+    def add(self, segment: int, batch: pa.RecordBatch) -> None:
+        """Keep the wanted rows of one batch of segment number ``segment`` (any order)."""
+        if batch.num_rows == 0:
+            return
+        top = int(batch.column("step").to_numpy().max())
+        self.max_step = top if self.max_step is None else max(self.max_step, top)
+        local = {name: _batch_codes(batch.column(name)) for name in self.names}
+        rows = None
+        if self.rules is not None:
+            (inst_idx, insts), (param_idx, params) = local["instrument"], local["param"]
+            ok = np.array(
+                [[(i, None) in self.rules or (i, p) in self.rules for p in params] for i in insts],
+                dtype=bool,
+            ).reshape(len(insts), len(params))
+            if not ok.all():
+                rows = np.flatnonzero(ok[inst_idx, param_idx])
+                if rows.size == 0:
+                    return
+        arrays: dict[str, np.ndarray] = {}
+        shapes = _shapes(batch.column("shape")) if "shape" in _COLUMNS[self.table] else None
+        for name in _COLUMNS[self.table]:
+            if name in self.names:
+                continue
+            if name == "shape":
+                values = shapes
+            elif name == "counts":
+                values = _list_rows(batch.column(name), shapes)
+            elif name in ("edges_0", "edges_1"):
+                values = _list_rows(batch.column(name))
+            else:
+                values = batch.column(name).to_numpy(zero_copy_only=False)
+            arrays[name] = values if rows is None else values[rows]
+        codes = {}
+        for name, (indices, names) in local.items():
+            shared = self.names[name]
+            remap = np.array([shared.setdefault(v, len(shared)) for v in names], dtype=np.int32)
+            indices = indices if rows is None else indices[rows]
+            codes[name] = remap[indices] if remap.size else indices.astype(np.int32)
+        self.parts.append((segment, len(self.parts), arrays, codes))
+
+    def columns(self) -> _Columns:
+        """Everything kept, in segment order (and batch order within a segment)."""
+        parts = sorted(self.parts, key=lambda part: part[:2])
+        arrays = {
+            name: np.concatenate([part[2][name] for part in parts])
+            if parts
+            else np.empty(0, dtype=_EMPTY_DTYPES.get(name, object))
+            for name in _COLUMNS[self.table]
+            if name not in self.names
+        }
+        codes = {
+            name: (
+                np.concatenate([part[3][name] for part in parts])
+                if parts
+                else np.empty(0, np.int32),
+                list(shared),
+            )
+            for name, shared in self.names.items()
+        }
+        return _Columns(arrays, codes, self.max_step)
 
 
 @functools.lru_cache(maxsize=None)
@@ -605,12 +657,16 @@ def _scan_format(table: str) -> tuple[pa.Schema, ds.ParquetFileFormat]:
     return pa.schema(fields), ds.ParquetFileFormat(read_options=read_options)
 
 
-def _bulk_read(run_dir: Path, table: str) -> tuple[_Columns, int] | None:
+def _bulk_read(
+    run_dir: Path, table: str, keep: Collection[Read] | None = None
+) -> tuple[_Columns, int] | None:
     """Read a whole table with one multi-threaded scan: ``(rows, cursor)``.
 
-    Used for a run's first read (much faster than file-by-file for long runs). Returns
-    ``None`` when the listing has gaps, a file vanished (compaction) or is unreadable: the
-    caller then uses :class:`~cockpit.logreader.LogTail`, which retries and warns.
+    Used for a run's first read (much faster than file-by-file for long runs). Only the rows of
+    the buckets ``keep`` names are kept (see :class:`_ScanRows`; ``None`` keeps all); the
+    returned columns know the highest step of all rows. Returns ``None`` when the listing has
+    gaps, a file vanished (compaction) or is unreadable: the caller then uses
+    :class:`~cockpit.logreader.LogTail`, which retries and warns.
 
     Raises:
         SchemaVersionError: If the run was written by a newer schema version.
@@ -619,16 +675,19 @@ def _bulk_read(run_dir: Path, table: str) -> tuple[_Columns, int] | None:
     if not segments or schema.find_gaps(segments):
         return None
     scan_schema, scan_format = _scan_format(table)
+    paths = [str(seg.path) for seg in segments]
+    number = {path: k for k, path in enumerate(paths)}
+    rows = _ScanRows(table, keep)
     try:
-        data = ds.dataset(
-            [str(seg.path) for seg in segments], schema=scan_schema, format=scan_format
-        ).to_table()
         schema.file_schema_version(pq.read_schema(segments[-1].path), segments[-1].path)
+        scanner = ds.dataset(paths, schema=scan_schema, format=scan_format).scanner()
+        for tagged in scanner.scan_batches():
+            rows.add(number[tagged.fragment.path], tagged.record_batch)
     except schema.SchemaVersionError:
         raise
     except Exception:  # noqa: BLE001 - the careful reader sorts it out
         return None
-    return _from_arrow(data, table), segments[-1].hi
+    return rows.columns(), segments[-1].hi
 
 
 def _wanted(
@@ -701,13 +760,15 @@ def _split(
 
 
 def _nbytes(piece: _Piece, table: str) -> int:
+    """Approximate bytes held by a piece (its ``cursors`` may not be set yet)."""
+    rows = len(piece.arrays["step"])
     if table == "scalars":
-        return piece.rows * _SCALAR_ROW_BYTES
-    cells = sum(np.asarray(c).size for c in piece.arrays["counts"])
-    edges = sum(np.asarray(e).size for e in piece.arrays["edges_0"]) + sum(
-        np.asarray(e).size for e in piece.arrays["edges_1"]
+        return rows * _SCALAR_ROW_BYTES
+    cells = sum(c.size for c in piece.arrays["counts"])
+    edges = sum(e.size for e in piece.arrays["edges_0"]) + sum(
+        e.size for e in piece.arrays["edges_1"]
     )
-    return 8 * (cells + edges) + 200 * piece.rows
+    return 8 * (cells + edges) + 200 * rows
 
 
 class _Bucket:
@@ -903,7 +964,7 @@ class RunLog:
             for table in READ_TABLES:
                 tail = self._tails[table]
                 if tail.cursor < 0:
-                    bulk = _bulk_read(self.path, table)
+                    bulk = _bulk_read(self.path, table, self.keep)
                     if bulk is not None:
                         tail.cursor = bulk[1]
                         self._add(table, bulk[0], tail.cursor)
@@ -929,8 +990,10 @@ class RunLog:
         return run_status(self.path)
 
     def _add(self, table: str, new: _Columns, cursor: int) -> None:
-        if new.size:
+        top = new.max_step
+        if top is None and new.size:
             top = int(new.arrays["step"].max())
+        if top is not None:
             self.max_step = top if self.max_step is None else max(self.max_step, top)
         for (inst, param), piece in _split(new, table, self.keep).items():
             bucket = self._buckets[table].get((inst, param))

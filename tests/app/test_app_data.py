@@ -383,31 +383,53 @@ def test_needed_reads_cover_every_panel_the_hints_and_any_layer():
     assert ("scalars", "distance", None) not in reads  # per-tensor distances: no panel
 
 
-def test_string_columns_become_codes_across_chunks_with_different_dictionaries():
+def test_string_arrays_become_codes_whether_dictionary_encoded_or_not():
     import pyarrow as pa
 
-    from app.data import _codes
+    from app.data import _batch_codes
 
-    plain = pa.chunked_array([["b", "a", "b"], [], ["c", "a"]])
-    encoded = pa.chunked_array([c.dictionary_encode() for c in plain.chunks])
-    for column in (plain, encoded):
-        codes, names = _codes(column)
+    plain = pa.array(["b", "a", "b", "c", "a"])
+    for column in (plain, plain.dictionary_encode()):
+        codes, names = _batch_codes(column)
         assert [names[c] for c in codes] == ["b", "a", "b", "c", "a"]
-        assert codes.dtype == np.int32 and len(set(names)) == len(names)
+        assert len(set(names)) == len(names)
 
 
-def test_list_rows_are_views_per_row_with_shapes_and_sliced_chunks():
+def test_list_rows_are_views_per_row_with_shapes_and_sliced_arrays():
     import pyarrow as pa
 
-    from app.data import _list_rows
+    from app.data import _list_rows, _shapes
 
     values = [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [], [7.0, 8.0]]
-    column = pa.chunked_array([pa.array(values).slice(1), pa.array(values[:1])])
-    rows = _list_rows(column)
-    assert [r.tolist() for r in rows] == [[], [7.0, 8.0], values[0]]
-    shaped = _list_rows(pa.chunked_array([pa.array(values[:1] + values[2:])]), [(2, 3), (2,)])
+    rows = _list_rows(pa.array(values).slice(1))
+    assert [r.tolist() for r in rows] == [[], [7.0, 8.0]]
+    shapes = _shapes(pa.array([[2, 3], [2]]))
+    assert shapes.tolist() == [(2, 3), (2,)]
+    shaped = _list_rows(pa.array(values[:1] + values[2:]), shapes)
     assert shaped[0].shape == (2, 3) and shaped[0][1].tolist() == [4.0, 5.0, 6.0]
     assert shaped[1].tolist() == [7.0, 8.0]
+
+
+def test_bulk_read_keeps_segment_order_and_the_highest_step_of_dropped_rows(root):
+    from app.data import _bulk_read
+
+    with writer(root / "r") as w:
+        write_steps(w, range(12))
+        w.add_scalars(12, [("alpha", "alpha", "all", 0.0)])  # the last step: a dropped bucket
+    keep = {("scalars", "loss", "all"), ("histograms", "grad_hist_1d", None)}
+    cols, cursor = _bulk_read(root / "r", "scalars", keep)
+    assert cols.arrays["step"].tolist() == list(range(12)) and cols.max_step == 12
+    assert "loss" in cols.codes["instrument"][1]
+    hists, _ = _bulk_read(root / "r", "histograms", keep)
+    assert set(hists.arrays["step"].tolist()) == set(range(0, 12, 5))
+    assert all(c.shape == (20,) for c in hists.arrays["counts"])
+    nothing, _ = _bulk_read(root / "r", "scalars", {("scalars", "absent", None)})
+    assert nothing.size == 0 and nothing.max_step == 12
+    assert nothing.arrays["value"].dtype == np.float64
+    log, c = LogCache(root, keep=keep).get("r")
+    assert log.max_step == 12
+    only_scalars, _ = LogCache(root, keep={("scalars", "loss", "all")}).get("r")
+    assert only_scalars.nbytes >= 12 * 8  # scalar rows count towards the cache bound
 
 
 # --------------------------------------------------------------------------------------------
