@@ -34,12 +34,17 @@ interval tick with the state the previous answer returned. *Server time* is the 
 
 * *Cold*: the first page load after a server process started: nothing of the run has been
   read, no figure built (the Parquet files are in the OS page cache, as right after training).
-  Each of ``--cold-runs`` starts is a new process; reported: median (min–max), and the time
-  from spawning the process to its first answer (imports and ``create_app``).
+  Each of ``--cold-runs`` starts is a new process; reported: median (min–max), the server
+  process's CPU time during that load (user + system of all its threads, from ``/proc``; less
+  disturbed by other processes on a shared machine than elapsed time), and the time from
+  spawning the process to its first answer (imports and ``create_app``).
 * *Warm*: later loads (the run is in the server's shared cache), each with a view no client
   has seen, so every figure is built; *shared*: a view an earlier client had (figures shared).
 * *Refresh*: while a writer appends steps (≈ 25 steps/s, full preset rows) so every tick has
   new rows to send, one client and then ``--clients`` clients tick every ``--interval`` s.
+
+With ``--compare``, the warm loads and refreshes of the baseline are measured after those of
+the measured code, on the same (by then slightly longer) run.
 """
 
 from __future__ import annotations
@@ -427,15 +432,37 @@ class Server:
             self.proc.wait(timeout=30)
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU time (user + system, all threads) of a process so far, from ``/proc`` (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cold_then_warm(code: Path, root: Path, interval: float) -> dict[str, Any]:
-    """A fresh server: its first page load (cold), then a load with another view (warm)."""
+    """A fresh server: its first page load (cold), then a load with another view (warm).
+
+    Also the server process's CPU time during each load (less sensitive to other processes
+    on the machine than the elapsed server time; 10 ms resolution).
+    """
     server = Server(code, root, interval)
     try:
+        cpu0 = _cpu_s(server.proc.pid)
         cold = Client(server.url, RUN).load()
+        cpu1 = _cpu_s(server.proc.pid)
         warm = Client(server.url, RUN, smoothing=0.51).load()
+        cpu2 = _cpu_s(server.proc.pid)
     finally:
         server.close()
-    return {"startup_s": server.startup_s, "cold": cold, "warm": warm}
+    return {
+        "startup_s": server.startup_s,
+        "cold": cold,
+        "warm": warm,
+        "cold_cpu_s": cpu1 - cpu0,
+        "warm_cpu_s": cpu2 - cpu1,
+    }
 
 
 def _machine() -> dict[str, Any]:
@@ -450,6 +477,127 @@ def _machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpus": os.cpu_count(), "cpu": model, "python": platform.python_version()}
+
+
+def _live(
+    code: Path, root: Path, run: RunWriter, args: argparse.Namespace, warm_first: list[float]
+) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
+    """Warm and shared page loads, then refreshes while ``run`` grows; ``(rows, record)``."""
+    rows: list[tuple[str, str, str]] = []
+    record: dict[str, Any] = {}
+    server = Server(code, root, args.interval)
+    url = server.url
+    stop = threading.Event()
+    writer_thread = None
+    try:
+        Client(url, RUN).load()  # this server's cold load (measured on other starts)
+        # Each load with its own smoothing: a view no client has seen, so every figure is
+        # built (clients with the same view of the same rows would share the figures).
+        warm = [Client(url, RUN, smoothing=0.5 + 0.01 * k).load() for k in range(3)]
+        build = statistics.median(w["main (full build)"] for w in warm)
+        rows.append(
+            (
+                "page load, warm (server; run cached, figures built)",
+                f"{statistics.median(_load_ms(w) for w in warm) / 1e3:.2f} s median "
+                f"of 3 (main build {build / 1e3:.2f} s, "
+                f"{warm[0]['bytes'] / 1e6:.1f} MB); right after each cold load: "
+                f"{_med_range(warm_first)} s",
+                "< 2 s",
+            )
+        )
+        shared = Client(url, RUN, smoothing=0.5).load()
+        rows.append(
+            (
+                "page load, warm, same view as an earlier client (figures shared)",
+                f"{_load_ms(shared) / 1e3:.2f} s",
+                "",
+            )
+        )
+        record.update(warm=warm, shared=shared)
+
+        # Live refreshes: a writer appends steps, clients tick every interval.
+        first_step = run.next_step
+
+        def live_writer() -> None:
+            period = 1.0 / args.live_steps_per_s
+            while not stop.is_set():
+                run.write(1)
+                time.sleep(period)
+
+        writer_thread = threading.Thread(target=live_writer, daemon=True)
+        writer_thread.start()
+        time.sleep(args.interval)
+
+        def tick_loop(client: Client, out: list, until: float, offset: float) -> None:
+            time.sleep(offset)
+            while time.monotonic() < until:
+                started = time.monotonic()
+                ms, _ = client.update("pulse.data")
+                out.append((ms, 1000.0 * (time.monotonic() - started)))
+                time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+
+        one = Client(url, RUN)
+        one.load()
+        single: list = []
+        tick_loop(one, single, time.monotonic() + args.duration / 2, 0.0)
+        server_ms = [s for s, _ in single]
+        record["refresh_1"] = single
+        rows.append(
+            (
+                "refresh, 1 client (server p50 / p95 / max)",
+                f"{_pct(server_ms, 50):.0f} / {_pct(server_ms, 95):.0f} / "
+                f"{max(server_ms):.0f} ms over {len(server_ms)} ticks",
+                "< 300 ms",
+            )
+        )
+
+        clients = [Client(url, RUN) for _ in range(args.clients)]
+        for c in clients:
+            c.load()
+        results: list[list] = [[] for _ in clients]
+        until = time.monotonic() + args.duration
+        threads = [
+            threading.Thread(
+                target=tick_loop, args=(c, results[i], until, args.interval * i / len(clients))
+            )
+            for i, c in enumerate(clients)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        server_ms = [s for r in results for s, _ in r]
+        wall_ms = [w for r in results for _, w in r]
+        record["refresh_many"] = results
+        rows.append(
+            (
+                f"refresh, {args.clients} clients every {args.interval:g} s "
+                "(server p50 / p95 / max)",
+                f"{_pct(server_ms, 50):.0f} / {_pct(server_ms, 95):.0f} / "
+                f"{max(server_ms):.0f} ms over {len(server_ms)} ticks",
+                "< 1 s",
+            )
+        )
+        rows.append(
+            (
+                f"refresh, {args.clients} clients (client wall p50 / p95)",
+                f"{_pct(wall_ms, 50):.0f} / {_pct(wall_ms, 95):.0f} ms",
+                "",
+            )
+        )
+    finally:
+        stop.set()
+        if writer_thread is not None:
+            writer_thread.join()
+        server.close()
+    rows.append(
+        (
+            "live steps appended meanwhile",
+            f"{run.next_step - first_step:,} (run at {run.next_step:,} steps after)",
+            "",
+        )
+    )
+    return rows, record
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -481,6 +629,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
     record: dict[str, Any] = {"date": date, "machine": _machine(), "args": vars(args)}
+    run: RunWriter | None = None
     try:
         if args.rev == "worktree":
             code, commit = ROOT, "working tree"
@@ -524,132 +673,34 @@ def main(argv: Sequence[str] | None = None) -> None:
             loads = [_load_ms(r["cold"]) / 1e3 for r in runs]
             reads = [r["cold"]["layer"] / 1e3 for r in runs]
             builds = [r["cold"]["main (full build)"] / 1e3 for r in runs]
-            rows.append(
+            version_rows = [
                 (
-                    f"page load, cold (server; first load after a start){label}",
+                    "page load, cold (server; first load after a start)",
                     f"{_med_range(loads)} s, median (min–max) of {len(runs)} starts: "
                     f"reading {_med_range(reads)} s + main build {_med_range(builds)} s; "
                     f"{runs[0]['cold']['bytes'] / 1e6:.1f} MB",
-                    "< 2 s" if name == "measured" else "",
-                )
-            )
-            rows.append(
+                    "< 2 s",
+                ),
                 (
-                    f"server start (spawn to first answer){label}",
+                    "page load, cold: server process CPU time (user + system, all threads)",
+                    f"{_med_range([r['cold_cpu_s'] for r in runs])} s",
+                    "",
+                ),
+                (
+                    "server start (spawn to first answer)",
                     f"{_med_range([r['startup_s'] for r in runs])} s",
                     "",
-                )
-            )
-        warm_first = [_load_ms(r["warm"]) / 1e3 for r in cold["measured"]]
-
-        server = Server(code, root, args.interval)
-        url = server.url
-        try:
-            Client(url, RUN).load()  # this server's cold load (already measured above)
-            # Each load with its own smoothing: a view no client has seen, so every figure is
-            # built (clients with the same view of the same rows would share the figures).
-            warm = [Client(url, RUN, smoothing=0.5 + 0.01 * k).load() for k in range(3)]
-            build = statistics.median(w["main (full build)"] for w in warm)
-            rows.append(
-                (
-                    "page load, warm (server; run cached, figures built)",
-                    f"{statistics.median(_load_ms(w) for w in warm) / 1e3:.2f} s median "
-                    f"of 3 (main build {build / 1e3:.2f} s, "
-                    f"{warm[0]['bytes'] / 1e6:.1f} MB); right after the cold loads: "
-                    f"{_med_range(warm_first)} s",
-                    "< 2 s",
-                )
-            )
-            shared = Client(url, RUN, smoothing=0.5).load()
-            rows.append(
-                (
-                    "page load, warm, same view as an earlier client (figures shared)",
-                    f"{_load_ms(shared) / 1e3:.2f} s",
-                    "",
-                )
-            )
-            record["warm"] = warm
-            record["shared"] = shared
-
-            # Live refreshes: a writer appends steps, clients tick every interval.
-            stop = threading.Event()
-
-            def live_writer() -> None:
-                period = 1.0 / args.live_steps_per_s
-                while not stop.is_set():
-                    run.write(1)
-                    time.sleep(period)
-
-            writer_thread = threading.Thread(target=live_writer, daemon=True)
-            writer_thread.start()
-            time.sleep(args.interval)
-
-            def tick_loop(client: Client, out: list, until: float, offset: float) -> None:
-                time.sleep(offset)
-                while time.monotonic() < until:
-                    started = time.monotonic()
-                    ms, _ = client.update("pulse.data")
-                    out.append((ms, 1000.0 * (time.monotonic() - started)))
-                    time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
-
-            one = Client(url, RUN)
-            one.load()
-            single: list = []
-            tick_loop(one, single, time.monotonic() + args.duration / 2, 0.0)
-            server_ms = [s for s, _ in single]
-            record["refresh_1"] = single
-            rows.append(
-                (
-                    "refresh, 1 client (server p50 / p95 / max)",
-                    f"{_pct(server_ms, 50):.0f} / {_pct(server_ms, 95):.0f} / "
-                    f"{max(server_ms):.0f} ms over {len(server_ms)} ticks",
-                    "< 300 ms",
-                )
-            )
-
-            clients = [Client(url, RUN) for _ in range(args.clients)]
-            for c in clients:
-                c.load()
-            results: list[list] = [[] for _ in clients]
-            until = time.monotonic() + args.duration
-            threads = [
-                threading.Thread(
-                    target=tick_loop, args=(c, results[i], until, args.interval * i / len(clients))
-                )
-                for i, c in enumerate(clients)
+                ),
             ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            stop.set()
-            writer_thread.join()
-            server_ms = [s for r in results for s, _ in r]
-            wall_ms = [w for r in results for _, w in r]
-            record["refresh_many"] = results
-            rows.append(
-                (
-                    f"refresh, {args.clients} clients every {args.interval:g} s "
-                    "(server p50 / p95 / max)",
-                    f"{_pct(server_ms, 50):.0f} / {_pct(server_ms, 95):.0f} / "
-                    f"{max(server_ms):.0f} ms over {len(server_ms)} ticks",
-                    "< 1 s",
-                )
-            )
-            rows.append(
-                (
-                    f"refresh, {args.clients} clients (client wall p50 / p95)",
-                    f"{_pct(wall_ms, 50):.0f} / {_pct(wall_ms, 95):.0f} ms",
-                    "",
-                )
-            )
-            rows.append(
-                ("live rows appended meanwhile", f"{run.next_step - args.steps:,} steps", "")
-            )
-        finally:
-            server.close()
-            run.close()
+            warm_first = [_load_ms(r["warm"]) / 1e3 for r in runs]
+            live_rows, record[f"live_{name}"] = _live(versions[name], root, run, args, warm_first)
+            rows += [
+                (f"{what}{label}", result, "" if label else target)
+                for what, result, target in version_rows + live_rows
+            ]
     finally:
+        if run is not None:
+            run.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)
