@@ -502,14 +502,10 @@ def _to_frame(parts: Sequence[tuple[str, str, _Piece]], table: str) -> pd.DataFr
 
 
 class _Columns(NamedTuple):
-    """Freshly read rows of one table: plain columns and dictionary-encoded string columns.
-
-    ``max_step``: the highest step read, when rows were dropped (see ``keep``) before these.
-    """
+    """Freshly read rows of one table: plain columns and dictionary-encoded string columns."""
 
     arrays: dict[str, np.ndarray]
     codes: dict[str, tuple[np.ndarray, list[str]]]
-    max_step: int | None = None
 
     @property
     def size(self) -> int:
@@ -559,25 +555,22 @@ def _batch_codes(column: pa.Array) -> tuple[np.ndarray, list[str]]:
     return column.indices.to_numpy(zero_copy_only=False), names
 
 
-_EMPTY_DTYPES = {"step": np.int64, "wall_time": np.float64, "value": np.float64}
-
-
 class _ScanRows:
-    """The rows of a bulk scan that ``keep`` names, collected batch by batch.
+    """The rows of a bulk scan that ``keep`` names, split into buckets batch by batch.
 
     Each record batch is filtered as it arrives (the string columns are compared per batch on
-    their small dictionaries, not per row), so unkept rows are never copied, and the numpy work
-    overlaps with Arrow decoding the next files in its own threads. Codes of the string
-    columns are remapped onto names shared by all batches.
+    their small dictionaries, not per row) and split into ``(instrument, param)`` pieces (see
+    :func:`_split`), so unkept rows are never copied, kept rows are copied once more when a
+    bucket's pieces are joined, and the numpy work overlaps Arrow decoding the next files in
+    its own threads.
     """
 
     def __init__(self, table: str, keep: Collection[Read] | None) -> None:
         self.table = table
         self.rules = None if keep is None else {(i, p) for t, i, p in keep if t == table}
-        self.names: dict[str, dict[str, int]] = {
-            n: {} for n in _CATEGORICAL if n in _COLUMNS[table]
-        }
-        self.parts: list[tuple[int, int, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        self.parts: dict[tuple[str, str], list[tuple[int, int, _Piece]]] = {}
+        self.batches = 0
+        #: The highest step of all rows read, kept or not.
         self.max_step: int | None = None
 
     def add(self, segment: int, batch: pa.RecordBatch) -> None:
@@ -586,10 +579,12 @@ class _ScanRows:
             return
         top = int(batch.column("step").to_numpy().max())
         self.max_step = top if self.max_step is None else max(self.max_step, top)
-        local = {name: _batch_codes(batch.column(name)) for name in self.names}
+        codes = {
+            n: _batch_codes(batch.column(n)) for n in _CATEGORICAL if n in _COLUMNS[self.table]
+        }
         rows = None
         if self.rules is not None:
-            (inst_idx, insts), (param_idx, params) = local["instrument"], local["param"]
+            (inst_idx, insts), (param_idx, params) = codes["instrument"], codes["param"]
             ok = np.array(
                 [[(i, None) in self.rules or (i, p) in self.rules for p in params] for i in insts],
                 dtype=bool,
@@ -598,10 +593,11 @@ class _ScanRows:
                 rows = np.flatnonzero(ok[inst_idx, param_idx])
                 if rows.size == 0:
                     return
+                codes = {n: (indices[rows], names) for n, (indices, names) in codes.items()}
         arrays: dict[str, np.ndarray] = {}
         shapes = _shapes(batch.column("shape")) if "shape" in _COLUMNS[self.table] else None
         for name in _COLUMNS[self.table]:
-            if name in self.names:
+            if name in codes:
                 continue
             if name == "shape":
                 values = shapes
@@ -612,34 +608,24 @@ class _ScanRows:
             else:
                 values = batch.column(name).to_numpy(zero_copy_only=False)
             arrays[name] = values if rows is None else values[rows]
-        codes = {}
-        for name, (indices, names) in local.items():
-            shared = self.names[name]
-            remap = np.array([shared.setdefault(v, len(shared)) for v in names], dtype=np.int32)
-            indices = indices if rows is None else indices[rows]
-            codes[name] = remap[indices] if remap.size else indices.astype(np.int32)
-        self.parts.append((segment, len(self.parts), arrays, codes))
+        self.batches += 1
+        for key, piece in _split(_Columns(arrays, codes), self.table).items():
+            self.parts.setdefault(key, []).append((segment, self.batches, piece))
 
-    def columns(self) -> _Columns:
-        """Everything kept, in segment order (and batch order within a segment)."""
-        parts = sorted(self.parts, key=lambda part: part[:2])
-        arrays = {
-            name: np.concatenate([part[2][name] for part in parts])
-            if parts
-            else np.empty(0, dtype=_EMPTY_DTYPES.get(name, object))
-            for name in _COLUMNS[self.table]
-            if name not in self.names
+    def buckets(self) -> dict[tuple[str, str], _Piece]:
+        """Each bucket's rows, in segment order (and batch order within a segment)."""
+        return {
+            key: _join([piece for _, _, piece in sorted(parts, key=lambda part: part[:2])])
+            for key, parts in self.parts.items()
         }
-        codes = {
-            name: (
-                np.concatenate([part[3][name] for part in parts])
-                if parts
-                else np.empty(0, np.int32),
-                list(shared),
-            )
-            for name, shared in self.names.items()
-        }
-        return _Columns(arrays, codes, self.max_step)
+
+
+class _Scan(NamedTuple):
+    """What :func:`_bulk_read` read: the kept rows by bucket, the highest step, the cursor."""
+
+    buckets: dict[tuple[str, str], _Piece]
+    max_step: int | None
+    cursor: int
 
 
 @functools.lru_cache(maxsize=None)
@@ -657,15 +643,13 @@ def _scan_format(table: str) -> tuple[pa.Schema, ds.ParquetFileFormat]:
     return pa.schema(fields), ds.ParquetFileFormat(read_options=read_options)
 
 
-def _bulk_read(
-    run_dir: Path, table: str, keep: Collection[Read] | None = None
-) -> tuple[_Columns, int] | None:
-    """Read a whole table with one multi-threaded scan: ``(rows, cursor)``.
+def _bulk_read(run_dir: Path, table: str, keep: Collection[Read] | None = None) -> _Scan | None:
+    """Read a whole table with one multi-threaded scan, split into buckets.
 
     Used for a run's first read (much faster than file-by-file for long runs). Only the rows of
     the buckets ``keep`` names are kept (see :class:`_ScanRows`; ``None`` keeps all); the
-    returned columns know the highest step of all rows. Returns ``None`` when the listing has
-    gaps, a file vanished (compaction) or is unreadable: the caller then uses
+    highest step counts every row. Returns ``None`` when the listing has gaps, a file vanished
+    (compaction) or is unreadable: the caller then uses
     :class:`~cockpit.logreader.LogTail`, which retries and warns.
 
     Raises:
@@ -687,7 +671,7 @@ def _bulk_read(
         raise
     except Exception:  # noqa: BLE001 - the careful reader sorts it out
         return None
-    return rows.columns(), segments[-1].hi
+    return _Scan(rows.buckets(), rows.max_step, segments[-1].hi)
 
 
 def _wanted(
@@ -966,8 +950,8 @@ class RunLog:
                 if tail.cursor < 0:
                     bulk = _bulk_read(self.path, table, self.keep)
                     if bulk is not None:
-                        tail.cursor = bulk[1]
-                        self._add(table, bulk[0], tail.cursor)
+                        tail.cursor = bulk.cursor
+                        self._add_pieces(table, bulk.buckets, bulk.cursor, bulk.max_step)
                 new = tail.read_new()
                 if len(new):
                     self._add(table, _from_pandas(new, table), tail.cursor)
@@ -990,12 +974,15 @@ class RunLog:
         return run_status(self.path)
 
     def _add(self, table: str, new: _Columns, cursor: int) -> None:
-        top = new.max_step
-        if top is None and new.size:
-            top = int(new.arrays["step"].max())
+        top = int(new.arrays["step"].max()) if new.size else None
+        self._add_pieces(table, _split(new, table, self.keep), cursor, top)
+
+    def _add_pieces(
+        self, table: str, pieces: dict[tuple[str, str], _Piece], cursor: int, top: int | None
+    ) -> None:
         if top is not None:
             self.max_step = top if self.max_step is None else max(self.max_step, top)
-        for (inst, param), piece in _split(new, table, self.keep).items():
+        for (inst, param), piece in pieces.items():
             bucket = self._buckets[table].get((inst, param))
             if bucket is None:
                 bucket = self._buckets[table][(inst, param)] = _Bucket(inst, param)

@@ -413,19 +413,31 @@ def test_list_rows_are_views_per_row_with_shapes_and_sliced_arrays():
 def test_bulk_read_keeps_segment_order_and_the_highest_step_of_dropped_rows(root):
     from app.data import _bulk_read
 
-    with writer(root / "r") as w:
+    with writer(root / "r") as w:  # flushes every step: one segment per step
         write_steps(w, range(12))
         w.add_scalars(12, [("alpha", "alpha", "all", 0.0)])  # the last step: a dropped bucket
-    keep = {("scalars", "loss", "all"), ("histograms", "grad_hist_1d", None)}
-    cols, cursor = _bulk_read(root / "r", "scalars", keep)
-    assert cols.arrays["step"].tolist() == list(range(12)) and cols.max_step == 12
-    assert "loss" in cols.codes["instrument"][1]
-    hists, _ = _bulk_read(root / "r", "histograms", keep)
-    assert set(hists.arrays["step"].tolist()) == set(range(0, 12, 5))
-    assert all(c.shape == (20,) for c in hists.arrays["counts"])
-    nothing, _ = _bulk_read(root / "r", "scalars", {("scalars", "absent", None)})
-    assert nothing.size == 0 and nothing.max_step == 12
-    assert nothing.arrays["value"].dtype == np.float64
+    keep = {
+        ("scalars", "loss", "all"),
+        ("scalars", "grad_norm", None),
+        ("histograms", "grad_hist_1d", None),
+    }
+    scan = _bulk_read(root / "r", "scalars", keep)
+    assert scan.max_step == 12
+    assert set(scan.buckets) == {("loss", "all"), ("grad_norm", "all")} | {
+        ("grad_norm", p) for p in PARAMS
+    }
+    loss = scan.buckets[("loss", "all")]
+    assert loss.arrays["step"].tolist() == list(range(12)) and loss.names == ("loss",)
+    assert scan.buckets[("grad_norm", PARAMS[1])].arrays["value"].tolist() == [
+        0.5 + s for s in range(12)
+    ]
+    hists = _bulk_read(root / "r", "histograms", keep)
+    assert set(hists.buckets) == {("grad_hist_1d", p) for p in ("all", *PARAMS)}
+    one = hists.buckets[("grad_hist_1d", "all")]
+    assert one.arrays["step"].tolist() == [0, 5, 10]
+    assert all(c.shape == (20,) for c in one.arrays["counts"])
+    nothing = _bulk_read(root / "r", "scalars", {("scalars", "absent", None)})
+    assert nothing.buckets == {} and nothing.max_step == 12
     log, c = LogCache(root, keep=keep).get("r")
     assert log.max_step == 12
     only_scalars, _ = LogCache(root, keep={("scalars", "loss", "all")}).get("r")
