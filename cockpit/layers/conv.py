@@ -87,6 +87,10 @@ def _channels_last(t: Tensor, groups: int) -> Tensor:
 #: input: the unfolded patches cost S·C·K memory per sample, while the grouped kernel is
 #: slower than a batched matmul when S is small (measured on 3C3D / All-CNN-C shapes).
 GROUPED_MIN_POSITIONS = 64
+#: ... and at least this many input channels per group: with few channels (an RGB input
+#: layer) oneDNN's grouped kernel is erratic (0.2-4 s for 3C3D's first layer, N = 128)
+#: while the patches are small anyway.
+GROUPED_MIN_CHANNELS = 16
 
 _WEIGHT_GRAD = {
     1: torch.nn.grad.conv1d_weight,
@@ -136,7 +140,11 @@ class ConvFactor(AffineFactor):
         return self.shape[0] // self.groups, self.shape[1:].numel()
 
     def to_dense(self, start: int = 0, stop: int | None = None) -> Tensor:  # noqa: D102
-        if self.s < GROUPED_MIN_POSITIONS or "a" in self.__dict__:
+        if (
+            self.s < GROUPED_MIN_POSITIONS
+            or self.shape[1] < GROUPED_MIN_CHANNELS
+            or "a" in self.__dict__
+        ):
             return super().to_dense(start, stop)
         x, g = self.x[start:stop], self.g[start:stop]
         k = x.shape[0]
