@@ -156,6 +156,26 @@ class _TIC(Instrument):
         self.quantity = curvature_quantity(curvature)
         self.requires = frozenset({self.quantity, *self.extra})
 
+    def _once(self, step: int, fn, *args) -> float:
+        """Call ``fn``; its non-positive-curvature warning is reported once per instrument.
+
+        Dead ReLUs leave zeros in the curvature diagonal on almost every step; one
+        warning per step and tensor would drown everything else.
+        """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = fn(*args)
+        for w in caught:
+            if str(w.message).startswith("TIC:"):
+                if getattr(self, "_warned", False):
+                    continue
+                self._warned = True
+                msg = f"{w.message} (step {step}; {self.name} reports this once)"
+                warnings.warn(msg, w.category, stacklevel=4)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return value
+
     def _curvature(self, ctx: StepContext) -> dict:
         """Diagonal curvature of the *mean* loss (the batch loss's divided by N for "sum")."""
         assert ctx.gathered is not None
@@ -207,10 +227,15 @@ class TICDiag(_TIC):
                 self.name,
                 self.name,
                 "all",
-                tic_diag([sm[k] for k in keys], n, [h[k] for k in keys]),
+                self._once(ctx.step, tic_diag, [sm[k] for k in keys], n, [h[k] for k in keys]),
             )
         ]
-        rows += [Scalar(ctx.step, self.name, self.name, k, tic_diag(sm[k], n, h[k])) for k in keys]
+        rows += [
+            Scalar(
+                ctx.step, self.name, self.name, k, self._once(ctx.step, tic_diag, sm[k], n, h[k])
+            )
+            for k in keys
+        ]
         return rows
 
 
@@ -253,7 +278,9 @@ class TICTrace(_TIC):
                 self.name,
                 self.name,
                 "all",
-                tic_trace(float(ctx.gathered.total(BatchL2()).sum()), n, total),
+                self._once(
+                    ctx.step, tic_trace, float(ctx.gathered.total(BatchL2()).sum()), n, total
+                ),
             )
         ]
         rows += [
@@ -262,7 +289,7 @@ class TICTrace(_TIC):
                 self.name,
                 self.name,
                 k,
-                tic_trace(float(l2[k].sum()), n, float(h[k].double().sum())),
+                self._once(ctx.step, tic_trace, float(l2[k].sum()), n, float(h[k].double().sum())),
             )
             for k in h
         ]

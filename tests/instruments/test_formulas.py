@@ -736,3 +736,28 @@ def test_histograms_reproduce_cockpit_binning():
     cockpit_2d.put_(idx, torch.ones_like(idx), accumulate=True)
     counts2, _ = hist_2d(x, y)
     np.testing.assert_array_equal(counts2.numpy(), cockpit_2d.reshape(xb, yb).numpy())
+
+
+def test_tic_warns_once_per_run_about_nonpositive_curvature():
+    """A dead input leaves zeros in the diagonal at every step: one warning, not one per step."""
+    import warnings
+
+    from cockpit import Cockpit
+
+    torch.manual_seed(0)
+    model, loss_fn = torch.nn.Linear(3, 1).double(), torch.nn.MSELoss()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    x[:, 0] = 0.0  # the Hessian diagonal of weight column 0 is exactly 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, loss_fn, opt, ["tic_diag", "tic_trace"]) as cockpit:
+            for step in range(4):
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                with cockpit.step(step, loss):
+                    loss.backward()
+                opt.step()
+    tic = [str(w.message) for w in caught if str(w.message).startswith("TIC:")]
+    assert len(tic) == 1, tic
+    assert "tic_diag reports this once" in tic[0] and "step 0" in tic[0]
