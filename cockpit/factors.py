@@ -96,6 +96,19 @@ def bin_edges_of(low: float, high: float, bins: int, dtype=torch.float64) -> Ten
 
     Edge ``j`` is where ``x·k + frac`` crosses the integer ``j − ioff``; they equal
     ``numpy.linspace(low, high, bins + 1)`` up to rounding.
+
+    Example:
+        >>> import torch
+        >>> bin_edges_of(-1.0, 1.0, 4)
+        tensor([-1.0000, -0.5000,  0.0000,  0.5000,  1.0000], dtype=torch.float64)
+        >>> x = torch.tensor([-0.75, -0.5, -1e-9, 0.0, 0.3, 0.99])  # inside [low, high)
+        >>> k = bin_index(x, -1.0, 1.0, 4)  # bin k holds [edges[k], edges[k + 1])
+        >>> edges = bin_edges_of(-1.0, 1.0, 4, dtype=torch.float32)
+        >>> bool(((edges[k] <= x) & (x < edges[k + 1])).all())
+        True
+        >>> ref = torch.histogram(x.double(), bins=bin_edges_of(-1.0, 1.0, 4)).hist
+        >>> ref, torch.equal(uniform_counts(x, -1.0, 1.0, 4), ref)
+        (tensor([1., 2., 2., 1.], dtype=torch.float64), True)
     """
     k, frac, ioff = _bin_grid(low, high, bins)
     j = torch.arange(bins + 1, dtype=torch.float64)
@@ -255,6 +268,24 @@ class Factor:
     Attributes:
         n: Batch size N.
         shape: Parameter shape P.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.quantities import BatchL2, SecondMoment
+        >>> class Outer(Factor):  # G_n = c_n · u: only to_dense is needed
+        ...     def __init__(self, c, u):
+        ...         self.c, self.u, self.n, self.shape = c, u, c.shape[0], u.shape
+        ...     def to_dense(self):
+        ...         return self.c[:, None] * self.u  # [N, *P]
+        >>> f = Outer(torch.tensor([1.0, -2.0]), torch.tensor([3.0, 4.0]))  # N = 2, P = [2]
+        >>> f.to_dense()
+        tensor([[ 3.,  4.],
+                [-6., -8.]])
+        >>> out = f.reduce([BatchL2(), SecondMoment()], param=torch.zeros(2), directions={})
+        >>> out[BatchL2()]  # ‖c_n u‖² = 25 c_n², [N]
+        tensor([ 25., 100.])
+        >>> out[SecondMoment()]  # Σ_n c_n² u², [*P]
+        tensor([45., 80.])
     """
 
     n: int
@@ -287,6 +318,30 @@ class DenseFactor(Factor):
         grads: The individual gradients.
         owned: ``grads`` is a temporary built for this reduction only; the last
             histogram may then bin it in place instead of allocating a copy.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.quantities import BatchDot, GradDot, Hist1D, Projection
+        >>> g = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.0, 2.0]])  # N = 3 gradients of a [2] bias
+        >>> f = DenseFactor(g)
+        >>> f.n, f.shape, f.to_dense() is g
+        (3, torch.Size([2]), True)
+        >>> hist = Hist1D(bins=4, range=(-2.0, 2.0))
+        >>> out = f.reduce(
+        ...     [BatchDot(), GradDot(), Projection("u"), hist],
+        ...     param=torch.zeros(2),
+        ...     directions={"u": torch.tensor([1.0, 0.0])},
+        ... )
+        >>> out[BatchDot()]  # ⟨g_n, g_m⟩, [N, N]
+        tensor([[ 5.,  1.,  4.],
+                [ 1., 10., -2.],
+                [ 4., -2.,  4.]])
+        >>> out[GradDot()]  # ⟨g_n, ḡ⟩ with ḡ = (4/3, 1), [N]
+        tensor([3.3333, 3.0000, 2.0000])
+        >>> out[Projection("u")]  # ⟨g_n, u⟩, [N]
+        tensor([1., 3., 0.])
+        >>> out[hist]  # entries 1, 2, 3, -1, 0, 2 in [-2, -1), ..., [1, 2); 2 and 3 clamp
+        tensor([0., 1., 1., 4.], dtype=torch.float64)
     """
 
     def __init__(self, grads: Tensor, owned: bool = False) -> None:
@@ -342,6 +397,31 @@ class AffineFactor(Factor):
         a: Layer inputs ``[N, G, S, I]`` (unfolded for convolutions).
         b: Output gradients ``[N, G, S, O]``, already scaled.
         shape: Parameter shape P with ``prod(P) = G·O·I`` (rows group-major).
+
+    Example:
+        >>> import torch
+        >>> from cockpit.quantities import BatchDot, BatchL2, Hist1D, Projection, SecondMoment
+        >>> _ = torch.manual_seed(0)
+        >>> n, s, i, o = 4, 3, 5, 2  # Linear(5, 2) on sequences of length 3
+        >>> a = torch.randn(n, 1, s, i, dtype=torch.float64)  # inputs [N, G, S, I]
+        >>> b = torch.randn(n, 1, s, o, dtype=torch.float64)  # output gradients [N, G, S, O]
+        >>> f = AffineFactor(a, b, (o, i))
+        >>> dense = f.to_dense()  # G_n = Σ_s b[n,s]ᵀ a[n,s], [N, *P]
+        >>> dense.shape, torch.allclose(dense[0], b[0, 0].T @ a[0, 0])
+        (torch.Size([4, 2, 5]), True)
+        >>> f.to_dense(1, 3).shape  # samples 1:3 only
+        torch.Size([2, 2, 5])
+        >>> qs = [BatchL2(), BatchDot(), SecondMoment(), Projection("u"), Hist1D(bins=8)]
+        >>> u = {"u": torch.randn(o, i, dtype=torch.float64)}
+        >>> got = f.reduce(qs, torch.zeros(o, i), u)  # einsums over (a, b) where cheaper
+        >>> ref = DenseFactor(dense).reduce(qs, torch.zeros(o, i), u)  # from the built G_n
+        >>> all(torch.allclose(got[q], ref[q]) for q in qs)
+        True
+        >>> f1 = AffineFactor(a[:, :, :1], b[:, :, :1], (o, i))  # S = 1: nothing is built
+        >>> got = f1.reduce(qs, torch.zeros(o, i), u)
+        >>> ref = DenseFactor(f1.to_dense()).reduce(qs, torch.zeros(o, i), u)
+        >>> all(torch.allclose(got[q], ref[q]) for q in qs)
+        True
     """
 
     def __init__(self, a: Tensor, b: Tensor, shape: Sequence[int]) -> None:
@@ -464,6 +544,28 @@ class EmbeddingFactor(Factor):
         g: Output gradients ``[N, S, E]``, already scaled.
         num_embeddings: V.
         padding_idx: Index whose row gets no gradient, or None.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.quantities import BatchL2, SecondMoment
+        >>> idx = torch.tensor([[1, 1, 0], [2, 0, 3]])  # N = 2 samples of S = 3 tokens, 0 pads
+        >>> g = torch.arange(12.0).view(2, 3, 2)  # output gradients [N, S, E]
+        >>> f = EmbeddingFactor(idx, g, num_embeddings=4, padding_idx=0)
+        >>> sample, vocab, rows = f.rows()  # the two uses of token 1 in sample 0 add up
+        >>> sample.tolist(), vocab.tolist(), rows.tolist()
+        ([0, 1, 1], [1, 2, 3], [[2.0, 4.0], [6.0, 7.0], [10.0, 11.0]])
+        >>> f.to_dense().shape  # [N, V, E]
+        torch.Size([2, 4, 2])
+        >>> torch.equal(f.to_affine().to_dense(), f.to_dense())  # the one-hot form agrees
+        True
+        >>> out = f.reduce([BatchL2(), SecondMoment()], torch.zeros(4, 2), {})
+        >>> out[BatchL2()]  # 2² + 4² and 6² + 7² + 10² + 11², [N]
+        tensor([ 20., 306.])
+        >>> out[SecondMoment()]  # [V, E]; the padding row stays zero
+        tensor([[  0.,   0.],
+                [  4.,  16.],
+                [ 36.,  49.],
+                [100., 121.]])
     """
 
     def __init__(self, idx: Tensor, g: Tensor, num_embeddings: int, padding_idx: int | None):
@@ -561,6 +663,27 @@ def combine(factors: Sequence[Factor]) -> Factor:
     The result represents the per-sample *sum* of the uses' individual gradients.
     Affine and embedding factors are concatenated along S (exact, no cross term is
     lost); anything else is materialized and added.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.quantities import BatchL2
+        >>> _ = torch.manual_seed(0)
+        >>> n, i, o = 3, 4, 2  # one Linear(4, 2) weight used twice in a forward pass
+        >>> a1, a2 = torch.randn(n, 1, 1, i), torch.randn(n, 1, 1, i)  # inputs [N, G, S, I]
+        >>> b1, b2 = torch.randn(n, 1, 1, o), torch.randn(n, 1, 1, o)  # output gradients
+        >>> uses = [AffineFactor(a1, b1, (o, i)), AffineFactor(a2, b2, (o, i))]
+        >>> summed = uses[0].to_dense() + uses[1].to_dense()  # [N, O, I]
+        >>> merged = combine(uses)
+        >>> type(merged).__name__, merged.s  # concatenated along S
+        ('AffineFactor', 2)
+        >>> torch.allclose(merged.to_dense(), summed)
+        True
+        >>> l2 = merged.reduce([BatchL2()], torch.zeros(o, i), {})[BatchL2()]  # with cross terms
+        >>> torch.allclose(l2, summed.flatten(1).square().sum(1))
+        True
+        >>> mixed = combine([uses[0], DenseFactor(uses[1].to_dense())])  # built and added
+        >>> type(mixed).__name__, torch.allclose(mixed.to_dense(), summed)
+        ('DenseFactor', True)
     """
     if len(factors) == 1:
         return factors[0]
@@ -605,6 +728,17 @@ class ColumnFactor:
         k: Number of columns K.
         n: Batch size N.
         shape: Parameter shape P.
+
+    Example:
+        >>> import torch
+        >>> g = torch.tensor([[[1.0, 2.0], [0.0, -1.0]], [[3.0, 0.0], [1.0, 1.0]]])  # [K, N, *P]
+        >>> f = ColumnDenseFactor(g)
+        >>> f.k, f.n, f.shape, f.to_dense() is g
+        (2, 2, torch.Size([2]), True)
+        >>> f.sum_of_squares()  # Σ_k Σ_n G[k, n]², [*P]
+        tensor([11.,  6.])
+        >>> f.sum_of_squares(torch.tensor([[1.0, 1.0], [-1.0, 1.0]]))  # weights [K, N]
+        tensor([-7.,  6.])
     """
 
     k: int
@@ -634,7 +768,18 @@ def _check_weights(weights: Tensor | None, k: int, n: int) -> None:
 
 
 class ColumnDenseFactor(ColumnFactor):
-    """Materialized ``[K, N, *P]`` column gradients (biases, norms, the fallback rule)."""
+    """Materialized ``[K, N, *P]`` column gradients (biases, norms, the fallback rule).
+
+    Example:
+        >>> import torch
+        >>> f = ColumnDenseFactor(torch.ones(3, 2, 5))  # K = 3 columns, N = 2, P = [5]
+        >>> f.sum_of_squares()
+        tensor([6., 6., 6., 6., 6.])
+        >>> f.sum_of_squares(torch.ones(2, 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: weights must have shape [K, N] = [3, 2], got (2, 3)
+    """
 
     def __init__(self, grads: Tensor) -> None:
         self.grads = grads
@@ -657,6 +802,28 @@ class ColumnAffineFactor(ColumnFactor):
             the layer input, which the columns share).
         b: ``[K_b, N, G, S, O]`` with ``K_b ∈ {1, K}``.
         shape: Parameter shape P with ``prod(P) = G·O·I`` (rows group-major).
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> n, i, o = 4, 3, 2  # Linear(3, 2, bias=False) under MSELoss(reduction="sum")
+        >>> x, y = torch.randn(n, i, dtype=torch.float64), torch.randn(n, o, dtype=torch.float64)
+        >>> # the loss Hessian w.r.t. the output is 2·I: K = O columns √2·e_k, equal for all n
+        >>> cols = 2**0.5 * torch.eye(o, dtype=torch.float64)  # [K, O]
+        >>> b = cols.view(o, 1, 1, 1, o).expand(o, n, 1, 1, o)  # [K, N, G, S, O]
+        >>> f = ColumnAffineFactor(x.view(1, n, 1, 1, i), b, (o, i))  # the input is shared: K_a = 1
+        >>> f.k, f.to_dense().shape  # [K, N, *P]
+        (2, torch.Size([2, 4, 2, 3]))
+        >>> loss = lambda w: ((x @ w.T - y) ** 2).sum()
+        >>> hess = torch.autograd.functional.hessian(loss, torch.zeros(o, i, dtype=torch.float64))
+        >>> torch.allclose(f.sum_of_squares(), hess.view(o * i, o * i).diagonal().view(o, i))
+        True
+        >>> s = 3  # with shared positions, signed weights [K, N]
+        >>> a2, b2 = torch.randn(1, n, 1, s, i), torch.randn(o, n, 1, s, o)
+        >>> f2, w = ColumnAffineFactor(a2, b2, (o, i)), torch.randn(o, n)
+        >>> ref = (w[:, :, None, None] * f2.to_dense() ** 2).sum((0, 1))
+        >>> torch.allclose(f2.sum_of_squares(w), ref)
+        True
     """
 
     def __init__(self, a: Tensor, b: Tensor, shape: Sequence[int]) -> None:
@@ -749,6 +916,25 @@ class ColumnEmbeddingFactor(ColumnFactor):
         g: Output gradients ``[K, N, S, E]``.
         num_embeddings: V.
         padding_idx: Index whose row gets no gradient, or None.
+
+    Example:
+        >>> import torch
+        >>> idx = torch.tensor([[1, 1, 0], [2, 0, 3]])  # [N, S], 0 pads
+        >>> g = torch.arange(24.0).view(2, 2, 3, 2)  # K = 2 output gradient columns [K, N, S, E]
+        >>> f = ColumnEmbeddingFactor(idx, g, num_embeddings=4, padding_idx=0)
+        >>> f.k, f.to_dense().shape  # [K, N, V, E]
+        (2, torch.Size([2, 2, 4, 2]))
+        >>> torch.equal(f.to_affine().to_dense(), f.to_dense())  # the one-hot form agrees
+        True
+        >>> w = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+        >>> ref = (w[:, :, None, None] * f.to_dense() ** 2).sum((0, 1))
+        >>> torch.allclose(f.sum_of_squares(w), ref)
+        True
+        >>> f.sum_of_squares()  # [V, E]; the padding row stays zero
+        tensor([[  0.,   0.],
+                [680., 800.],
+                [360., 410.],
+                [584., 650.]])
     """
 
     def __init__(self, idx: Tensor, g: Tensor, num_embeddings: int, padding_idx: int | None):
@@ -799,6 +985,23 @@ def combine_columns(factors: Sequence[ColumnFactor]) -> ColumnFactor:
 
     Like :func:`combine`: affine and embedding forms concatenate along S, so the squares
     of the summed gradients are exact; anything else is materialized and added.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> k, n, i, o = 2, 3, 4, 2  # one Linear(4, 2) weight used twice, K = 2 columns
+        >>> a1, a2 = torch.randn(1, n, 1, 1, i), torch.randn(1, n, 1, 1, i)  # shared by the columns
+        >>> b1, b2 = torch.randn(k, n, 1, 1, o), torch.randn(k, n, 1, 1, o)  # [K, N, G, S, O]
+        >>> uses = [ColumnAffineFactor(a1, b1, (o, i)), ColumnAffineFactor(a2, b2, (o, i))]
+        >>> merged = combine_columns(uses)
+        >>> type(merged).__name__, merged.s  # concatenated along S
+        ('ColumnAffineFactor', 2)
+        >>> summed = uses[0].to_dense() + uses[1].to_dense()  # [K, N, O, I]
+        >>> torch.allclose(merged.sum_of_squares(), (summed**2).sum((0, 1)))  # squares of the sums
+        True
+        >>> apart = uses[0].sum_of_squares() + uses[1].sum_of_squares()  # misses the cross terms
+        >>> torch.allclose(apart, (summed**2).sum((0, 1)))
+        False
     """
     if len(factors) == 1:
         return factors[0]
