@@ -37,9 +37,14 @@ from cockpit import schedules as _schedules
 from cockpit.engine import Engine
 from cockpit.layers.functorch import tensor_outputs
 from cockpit.losses import individual_losses
+from cockpit.quantities import Gathered
 from instruments.base import Histogram, Instrument, Plan, Record, Scalar, StepContext, Update
 
 __all__ = ["Cockpit", "NonFiniteError"]
+
+#: Compute alpha's start-point projections by a forward-mode pass even when the
+#: engine's kept factors are available (tests compare the two paths).
+FORCE_JVP = False
 
 
 class NonFiniteError(FloatingPointError):
@@ -298,7 +303,7 @@ class Cockpit:
                 )
         self._want_out_grads = any(p.output_grad for p in active.values())
         gather = (
-            self.engine.gather(quantities, directions=directions)
+            self.engine.gather(quantities, directions=directions, keep_factors=self._want_out_grads)
             if quantities and finite
             else nullcontext(None)
         )
@@ -365,6 +370,8 @@ class Cockpit:
             call = self._call if any(active[i].output_grad for i in waiting) else None
             ctx._call = call  # type: ignore[attr-defined]
             self._awaiting = (ctx, waiting)
+        if (not waiting or ctx._call is None) and gathered is not None:  # type: ignore[attr-defined]
+            gathered.release()
 
     def _batch_size(self) -> int:
         """N from the model's last training input (dim 0 of its first tensor argument)."""
@@ -416,7 +423,7 @@ class Cockpit:
             call = getattr(ctx, "_call", None)
             if call is not None:
                 ctx._directional = lambda u: self._directional_derivatives(
-                    call, before, u, ctx.batch_size
+                    call, before, u, ctx.batch_size, ctx.gathered
                 )
             update = Update(delta, total)
             records: list[Record] = []
@@ -427,16 +434,35 @@ class Cockpit:
             self._snapshot = None
             ctx._directional = None
             ctx._call = None  # type: ignore[attr-defined]
+            if ctx.gathered is not None:
+                ctx.gathered.release()
 
     def _finish_pending_update(self) -> None:
         """A tracked step whose optimizer step never came: drop its update work."""
+        if self._awaiting is not None and self._awaiting[0].gathered is not None:
+            self._awaiting[0].gathered.release()
         self._awaiting = None
         self._snapshot = None
 
     def _directional_derivatives(
-        self, call: _ModelCall, theta: dict[str, Tensor], direction: dict[str, Tensor], n: int
+        self,
+        call: _ModelCall,
+        theta: dict[str, Tensor],
+        direction: dict[str, Tensor],
+        n: int,
+        gathered: Gathered | None = None,
     ) -> Tensor:
-        """``⟨g_n, u⟩`` at θ_t: ``⟨∂L/∂f_n, J_θ f_n u⟩`` by one forward-mode pass."""
+        """``⟨g_n, u⟩`` at θ_t.
+
+        From the per-layer factors the engine kept from the backward pass (one matmul
+        or convolution per layer); if they are unavailable or were changed in place
+        since (a layer input that is a parameter the optimizer updated), by one
+        forward-mode pass ``⟨∂L/∂f_n, J_θ f_n u⟩`` at the saved θ_t.
+        """
+        if gathered is not None and not FORCE_JVP:
+            kept = gathered.project(direction)
+            if kept is not None:
+                return kept
         if not any(g is not None for g in call.out_grads):
             raise RuntimeError("the model output's gradient was not captured on this step")
         tangents = {k: direction.get(k, torch.zeros_like(v)).to(v.dtype) for k, v in theta.items()}

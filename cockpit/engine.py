@@ -66,7 +66,7 @@ from cockpit.factors import Factor, combine
 from cockpit.layers import LayerRule, UnsupportedModuleError, find_rule
 from cockpit.layers.functorch import functorch_rule, tensor_outputs
 from cockpit.linops import HessianOperator, twice_differentiable
-from cockpit.quantities import CURVATURE, Gathered, Projection, Quantity
+from cockpit.quantities import CURVATURE, Gathered, Projection, Quantity, tensor_versions
 
 __all__ = ["Engine", "UnsupportedModuleError"]
 
@@ -570,7 +570,7 @@ class Engine:
         armed = self._armed
         assert armed is not None
         use.done = True
-        if not armed.requests:  # curvature only
+        if not armed.requests and not armed.keep_factors:  # curvature only
             return
         scale = armed.scale
         grads = tuple(g if g is None or scale == 1 else g * scale for g in use.grads)
@@ -603,6 +603,11 @@ class Engine:
             values = factor.reduce(armed.requests, param.detach(), directions)
         for q, v in values.items():
             armed.result.per_param.setdefault(q, {})[name] = v
+        if armed.keep_factors:
+            drop_cache = getattr(factor, "drop_cache", None)
+            if drop_cache is not None:  # e.g. unfolded patches: rebuilt if ever needed
+                drop_cache()
+            armed.result.kept[name] = (factor, param.detach(), tensor_versions(factor))
 
     def _param_by_name(self, name: str) -> nn.Parameter:
         if not hasattr(self, "_by_name"):
@@ -631,6 +636,7 @@ class Engine:
         *,
         directions: Mapping[str, Mapping[str, Tensor]] | None = None,
         reduction: str | None = None,
+        keep_factors: bool = False,
     ) -> Iterator[Gathered]:
         """Arm the engine for the next backward pass inside the ``with`` block.
 
@@ -640,6 +646,10 @@ class Engine:
                 ``{key: {parameter name: tensor shaped like the parameter}}``.
             reduction: ``"mean"`` or ``"sum"``; read from ``loss_fn.reduction`` when the
                 engine has a loss module.
+            keep_factors: Keep each parameter's per-sample factor (layer inputs and
+                output gradients, not per-sample gradients) in the result, so
+                :meth:`~cockpit.quantities.Gathered.project` can project on a direction
+                chosen after the pass; ``Gathered.release()`` frees them.
 
         Yields:
             A :class:`~cockpit.quantities.Gathered` filled when the block exits.
@@ -688,7 +698,7 @@ class Engine:
         (n,) = sizes
         result = Gathered(batch_size=n, reduction=reduction)
         scale = float(n) if reduction == "mean" else 1.0
-        armed = _Armed(self, requests, directions, n, scale, result)
+        armed = _Armed(self, requests, directions, n, scale, result, keep_factors=keep_factors)
         if curvature:
             armed.curvature = CurvaturePass(curvature, self, n)
         self._armed = armed
@@ -851,6 +861,7 @@ class _Armed:
     started: bool = False
     finished: bool = False
     curvature: CurvaturePass | None = None
+    keep_factors: bool = False
 
     def start(self) -> None:
         if not self.started:

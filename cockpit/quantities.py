@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -438,6 +439,11 @@ def _check_bins(what: str, bins: int, rng: tuple[float, float]) -> None:
         raise ValueError(f"{what}: range must satisfy low < high, got {rng!r}")
 
 
+def tensor_versions(factor: Any) -> dict[str, int]:
+    """Version counters of the tensors a factor holds (in-place updates change them)."""
+    return {k: v._version for k, v in vars(factor).items() if isinstance(v, Tensor)}
+
+
 #: The first-order quantities that need no configuration.
 FIRST_ORDER = (BatchL2(), BatchDot(), SecondMoment(), GradDot())
 #: The curvature quantity types (gathered by :mod:`cockpit.curvature`).
@@ -493,6 +499,66 @@ class Gathered:
     per_param: dict[Quantity, dict[str, Tensor]] = field(default_factory=dict)
     exact: dict[Quantity, bool] = field(default_factory=dict)
     notes: dict[Quantity, str] = field(default_factory=dict)
+    #: ``{parameter name: (factor, parameter value, tensor versions)}`` kept by
+    #: ``Engine.gather(keep_factors=True)`` for :meth:`project`.
+    kept: dict[str, tuple[Any, Tensor, dict[str, int]]] = field(default_factory=dict, repr=False)
+
+    def project(self, direction: dict[str, Tensor]) -> Tensor | None:
+        """Per-sample ``⟨g_n, u⟩`` from the kept per-layer factors, after the pass.
+
+        The direction may be chosen after the backward pass (alpha projects on the
+        update ``θ_{t+1} − θ_t``, known only after ``optimizer.step()``): the factors of
+        ``Engine.gather(keep_factors=True)`` are projected then, one matmul or
+        convolution per layer, never the per-sample gradients.
+
+        Args:
+            direction: ``{parameter name: tensor shaped like the parameter}``;
+                parameters left out count as zero.
+
+        Returns:
+            ``[N]`` projections, or ``None`` when nothing was kept or a kept tensor was
+            changed in place since the pass (e.g. an input that is a parameter the
+            optimizer updated) — the caller must then use another method.
+
+        Example:
+            >>> import torch
+            >>> from cockpit import Engine
+            >>> from cockpit.quantities import BatchL2
+            >>> _ = torch.manual_seed(0)
+            >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="sum")
+            >>> x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()  # [N, ·]
+            >>> with Engine(model, loss_fn) as engine:
+            ...     loss = loss_fn(model(x), y)
+            ...     with engine.gather([BatchL2()], keep_factors=True) as result:
+            ...         loss.backward()
+            >>> u = {"weight": torch.randn(2, 3).double(), "bias": torch.randn(2).double()}
+            >>> r = 2 * (model(x) - y).detach()  # [N, 2]: ∂l_n/∂f_n
+            >>> expected = (r * (x @ u["weight"].T + u["bias"])).sum(1)  # [N]: ⟨g_n, u⟩
+            >>> torch.allclose(result.project(u), expected)
+            True
+            >>> result.release(); result.project(u) is None
+            True
+        """
+        if not self.kept:
+            return None
+        total = None
+        for name, (factor, param, versions) in self.kept.items():
+            if any(getattr(factor, k)._version != v for k, v in versions.items()):
+                return None
+            u = direction.get(name)
+            if u is None:
+                continue
+            q = Projection("__kept__")
+            with torch.no_grad():
+                part = factor.reduce([q], param, {q.key: u})[q]
+            total = part if total is None else total + part
+        if total is None:
+            return torch.zeros(self.batch_size, dtype=torch.float64)
+        return total
+
+    def release(self) -> None:
+        """Drop the kept factors (their tensors are freed with them)."""
+        self.kept = {}
 
     def __getitem__(self, quantity: Quantity) -> dict[str, Tensor]:
         """Return ``{parameter name: tensor}`` for a gathered quantity."""

@@ -139,6 +139,11 @@ class ConvFactor(AffineFactor):
     def _dims(self) -> tuple[int, int]:
         return self.shape[0] // self.groups, self.shape[1:].numel()
 
+    def drop_cache(self) -> None:
+        """Free the unfolded patches and the reshaped output gradient, if built."""
+        self.__dict__.pop("a", None)
+        self.__dict__.pop("b", None)
+
     def to_dense(self, start: int = 0, stop: int | None = None) -> Tensor:  # noqa: D102
         if (
             self.s < GROUPED_MIN_POSITIONS

@@ -1,0 +1,148 @@
+"""Alpha's start-point projections: engine factors kept from the backward pass vs jvp.
+
+``Gathered.project`` (the default) must equal the forward-mode reference
+``⟨∂L/∂f_n, J_θ f_n u⟩`` at θ_t (``cockpit.cockpit.FORCE_JVP``) on every architecture,
+and must refuse (fall back) when a kept tensor was changed in place by the optimizer.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import cockpit.cockpit as cockpit_module
+from cockpit import Cockpit
+from cockpit.quantities import Gathered
+from tests import models
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
+
+
+class PooledTransformer(nn.Module):
+    """TinyTransformer averaged over positions: [N, C] logits for a plain CE loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = models.TinyTransformer()
+
+    def forward(self, idx):
+        return self.inner(idx).mean(1)
+
+
+class PooledTiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = models.TiedLM()
+
+    def forward(self, idx):
+        return self.inner(idx).mean(1)
+
+
+class Codes(nn.Module):
+    """Learned per-sample inputs (auto-decoder latent codes) as a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codes = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):
+        return self.codes * 1.0
+
+
+class ParamInput(nn.Module):
+    """A Linear whose input is a parameter itself: SGD changes it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codes = Codes()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.lin(self.codes.codes) * x + self.codes(x))
+
+
+CASES = {
+    "mlp": (models.mlp, lambda: torch.randn(7, 6), 3),
+    "cnn": (models.cnn, lambda: torch.randn(5, 2, 8, 8), 3),
+    "resnet": (models.ResNet, lambda: torch.randn(4, 2, 6, 6), 3),
+    "transformer": (PooledTransformer, lambda: torch.randint(0, 11, (4, 5)), 4),
+    "tied_lm": (PooledTiedLM, lambda: torch.randint(0, 9, (3, 4)), 9),
+    "twice_used": (models.TwiceUsed, lambda: torch.randn(6, 4), 2),
+    "param_input": (ParamInput, lambda: torch.randn(6, 4), 3),
+}
+
+
+def alphas(build, inputs, classes, force_jvp: bool, monkeypatch) -> list[bool]:
+    """Train 4 steps with alpha; returns, per projection call, whether factors were used."""
+    monkeypatch.setattr(cockpit_module, "FORCE_JVP", force_jvp)
+    calls = []
+    real = Gathered.project
+
+    def counting(self, u):
+        out = real(self, u)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(Gathered, "project", counting)
+    torch.manual_seed(1)
+    model = build()
+    data = [(inputs(), torch.randint(0, classes, (inputs().shape[0],))) for _ in range(4)]
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fallback-rule notices
+        with Cockpit(model, loss_fn, opt, ["alpha"]) as ck:
+            for step, (x, y) in enumerate(data):
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                with ck.step(step, loss):
+                    loss.backward()
+                opt.step()
+    return calls
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kept_factors_equal_forward_mode(case, monkeypatch):
+    build, inputs, classes = CASES[case]
+    results = {}
+    used = {}
+    for force in (False, True):
+        seen = []
+        monkeypatch.setattr(Cockpit, "_emit", _recording(Cockpit._emit, seen), raising=True)
+        calls = alphas(build, inputs, classes, force, monkeypatch)
+        results[force] = [(r.step, r.value) for r in seen if r.instrument == "alpha"]
+        used[force] = calls
+        monkeypatch.undo()
+    fast, reference = results[False], results[True]
+    assert len(fast) == 3 and [s for s, _ in fast] == [s for s, _ in reference]
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in fast]),
+        torch.tensor([v for _, v in reference]),
+        rtol=1e-9,
+        atol=1e-10,
+    )
+    assert used[True] == [], "FORCE_JVP never projects kept factors"
+    if case == "param_input":
+        assert used[False] and not any(used[False]), "in-place-changed inputs fall back to jvp"
+    else:
+        assert used[False] and all(used[False]), "kept factors are projected"
+
+
+def _recording(emit, seen):
+    def wrapper(self, records):
+        records = list(records)
+        seen.extend(r for r in records if hasattr(r, "value"))
+        return emit(self, records)
+
+    return wrapper
