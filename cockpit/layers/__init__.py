@@ -53,7 +53,26 @@ RuleFn = Callable[
 
 
 class UnsupportedModuleError(RuntimeError):
-    """A module whose per-sample gradients cannot be computed (as configured)."""
+    """A module whose per-sample gradients cannot be computed (as configured).
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.quantities import BatchL2
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # training
+        >>> with Engine(model) as engine:
+        ...     loss = model(torch.randn(8, 3)).square().mean()
+        ...     with engine.gather([BatchL2()], reduction="mean"):
+        ...         loss.backward()
+        Traceback (most recent call last):
+        ...
+        cockpit.layers.UnsupportedModuleError: per-sample gradients are undefined for:
+          - 1: BatchNorm1d normalizes with batch statistics (train mode ...
+        >>> Engine(torch.nn.PReLU(), fail_mode="error")  # strict: no torch.func fallback
+        Traceback (most recent call last):
+        ...
+        cockpit.layers.UnsupportedModuleError: no layer rule for <model> (PReLU); ...
+    """
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,21 @@ class LayerRule:
             not hooked on their own.
         batch_size: ``batch_size(module, args, kwargs) -> N``; default: dim 0 of the
             first tensor input.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> rule = find_rule(lin)
+        >>> rule.name, rule.check, rule.recurse
+        ('linear', None, False)
+        >>> x, g = torch.randn(4, 3), torch.randn(4, 2)  # input [N, I], output gradient [N, O]
+        >>> factors = rule.fn(lin, (x,), {}, (g,), frozenset({"weight", "bias"}))
+        >>> {name: type(f).__name__ for name, f in factors.items()}
+        {'weight': 'AffineFactor', 'bias': 'DenseFactor'}
+        >>> factors["weight"].to_dense().shape  # [N, *P]
+        torch.Size([4, 2, 3])
+        >>> find_rule(torch.nn.MultiheadAttention(4, 2)).recurse  # it also covers out_proj
+        True
     """
 
     name: str
@@ -98,6 +132,46 @@ def register_layer(
         recurse: The rule also covers the children's parameters.
         batch_size: How to read N from the module's inputs (default: dim 0).
         overwrite: Replace an existing rule for the same type instead of raising.
+
+    Example:
+        >>> import torch
+        >>> from cockpit import Engine
+        >>> from cockpit.factors import DenseFactor
+        >>> from cockpit.quantities import IndividualGradients
+        >>> class Scale(torch.nn.Module):  # y = x ⊙ w on inputs [N, D]
+        ...     def __init__(self, d):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.ones(d))
+        ...     def forward(self, x):
+        ...         return x * self.weight
+        >>> @register_layer(Scale)
+        ... def scale(module, args, kwargs, grad_outputs, wanted):
+        ...     x, g = args[0], grad_outputs[0]  # input and output gradient, both [N, D]
+        ...     return {"weight": DenseFactor(x * g)}  # g_n(w) = x_n ⊙ g_n, [N, D]
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), Scale(4)).double()
+        >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+        >>> loss_fn = torch.nn.MSELoss()
+        >>> with Engine(model, loss_fn, fail_mode="error") as engine:  # no fallback needed
+        ...     hooked = engine.hooked_modules
+        ...     loss = loss_fn(model(x), y)
+        ...     with engine.gather([IndividualGradients()]) as result:
+        ...         loss.backward()
+        >>> hooked
+        {'0': 'linear', '1': 'scale'}
+        >>> def sample_loss(p, xn, yn):  # l_n, the loss of sample n alone
+        ...     return loss_fn(torch.func.functional_call(model, p, (xn[None],)), yn[None])
+        >>> per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))
+        >>> ref = per_sample(dict(model.named_parameters()), x, y)  # {name: [N, *P]}
+        >>> torch.allclose(result[IndividualGradients()]["1.weight"], ref["1.weight"])
+        True
+        >>> register_layer(Scale)(scale)  # one rule per type unless overwrite=True
+        Traceback (most recent call last):
+        ...
+        ValueError: a layer rule for Scale exists (scale)
+        >>> unregister_layer(Scale)
+        >>> find_rule(Scale(4)) is None
+        True
     """
 
     def decorator(fn: RuleFn) -> RuleFn:
@@ -111,13 +185,37 @@ def register_layer(
 
 
 def unregister_layer(*types: type[nn.Module]) -> None:
-    """Remove the rules registered for ``types``."""
+    """Remove the rules registered for ``types``.
+
+    Example:
+        >>> import torch
+        >>> class Tied(torch.nn.Linear):
+        ...     pass
+        >>> find_rule(Tied(2, 2)).name  # subclasses inherit the Linear rule
+        'linear'
+        >>> @register_layer(Tied)
+        ... def tied(module, args, kwargs, grad_outputs, wanted):
+        ...     raise NotImplementedError
+        >>> find_rule(Tied(2, 2)).name
+        'tied'
+        >>> unregister_layer(Tied)  # back to the inherited rule
+        >>> find_rule(Tied(2, 2)).name
+        'linear'
+    """
     for t in types:
         _RULES.pop(t, None)
 
 
 def find_rule(module: nn.Module) -> LayerRule | None:
-    """Return the rule for ``module`` (walking its class MRO), or None."""
+    """Return the rule for ``module`` (walking its class MRO), or None.
+
+    Example:
+        >>> import torch
+        >>> find_rule(torch.nn.Conv2d(1, 1, 3)).name, find_rule(torch.nn.BatchNorm1d(3)).name
+        ('conv', 'batch_norm')
+        >>> find_rule(torch.nn.PReLU()) is None  # the engine uses the torch.func fallback
+        True
+    """
     for cls in type(module).__mro__:
         rule = _RULES.get(cls)
         if rule is not None:
