@@ -10,7 +10,24 @@ from cockpit.layers import register_layer
 
 @register_layer(nn.Linear)
 def linear(module: nn.Linear, args, kwargs, grad_outputs, wanted) -> dict[str, Factor]:
-    """Input ``[N, *, I]`` and output gradient ``[N, *, O]`` as ``a [N,1,S,I]``, ``b [N,1,S,O]``."""
+    """Input ``[N, *, I]`` and output gradient ``[N, *, O]`` as ``a [N,1,S,I]``, ``b [N,1,S,O]``.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> lin = torch.nn.Linear(3, 2).double()
+        >>> x = torch.randn(4, 5, 3, dtype=torch.float64)  # N = 4 sequences of 5 steps, [N, *, I]
+        >>> g = torch.randn(4, 5, 2, dtype=torch.float64)  # output gradient [N, *, O]
+        >>> factors = linear(lin, (x,), {}, (g,), frozenset({"weight", "bias"}))
+        >>> factors["weight"].a.shape, factors["weight"].b.shape  # [N, 1, S, I], [N, 1, S, O]
+        (torch.Size([4, 1, 5, 3]), torch.Size([4, 1, 5, 2]))
+        >>> def dot(p, xn, gn):  # sample n's gradient is ∇_θ ⟨g_n, lin(x_n)⟩
+        ...     return (torch.func.functional_call(lin, p, (xn[None],)) * gn[None]).sum()
+        >>> per_sample = torch.func.vmap(torch.func.grad(dot), in_dims=(None, 0, 0))
+        >>> ref = per_sample(dict(lin.named_parameters()), x, g)  # {name: [N, *P]}
+        >>> all(torch.allclose(factors[k].to_dense(), ref[k]) for k in ("weight", "bias"))
+        True
+    """
     x, g = args[0], grad_outputs[0]
     if x.dim() < 2:
         raise ValueError(
