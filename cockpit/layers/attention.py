@@ -39,7 +39,31 @@ def _mha_batch_size(module: nn.MultiheadAttention, args, kwargs) -> int:
 
 @register_layer(nn.MultiheadAttention, check=_check_mha, recurse=True, batch_size=_mha_batch_size)
 def multihead_attention(module: nn.MultiheadAttention, args, kwargs, grad_outputs, wanted):
-    """Re-run the attention per sample; covers ``out_proj.weight``/``out_proj.bias`` too."""
+    """Re-run the attention per sample; covers ``out_proj.weight``/``out_proj.bias`` too.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> mha = torch.nn.MultiheadAttention(4, 2, batch_first=True).double()
+        >>> x = torch.randn(3, 5, 4, dtype=torch.float64)  # N = 3 sequences of 5 tokens, [N, L, E]
+        >>> out, weights = mha(x, x, x)  # outputs [N, L, E] and [N, L, L]
+        >>> g = torch.randn_like(out)  # gradient of the output; the weights got none
+        >>> wanted = frozenset(name for name, _ in mha.named_parameters())
+        >>> factors = multihead_attention(mha, (x, x, x), {}, (g, None), wanted)
+        >>> for name, f in sorted(factors.items()):  # [N, *P], out_proj's parameters included
+        ...     print(name, tuple(f.to_dense().shape))
+        in_proj_bias (3, 12)
+        in_proj_weight (3, 12, 4)
+        out_proj.bias (3, 4)
+        out_proj.weight (3, 4, 4)
+        >>> def dot(p, xn, gn):  # sample n's gradient is ∇_θ ⟨g_n, mha(x_n, x_n, x_n)⟩
+        ...     out, _ = torch.func.functional_call(mha, p, (xn[None], xn[None], xn[None]))
+        ...     return (out * gn[None]).sum()
+        >>> per_sample = torch.func.vmap(torch.func.grad(dot), in_dims=(None, 0, 0))
+        >>> ref = per_sample(dict(mha.named_parameters()), x, g)  # {name: [N, *P]}
+        >>> all(torch.allclose(factors[k].to_dense(), ref[k]) for k in ref)
+        True
+    """
     bound = _SIGNATURE.bind(module, *args, **kwargs)
     bound.apply_defaults()
     named = dict(bound.arguments)
