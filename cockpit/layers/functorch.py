@@ -22,7 +22,18 @@ __all__ = ["tensor_outputs", "per_sample_gradients", "functorch_rule"]
 
 
 def tensor_outputs(output) -> list[Tensor]:
-    """The tensors of a module output (a tensor, or a tuple/list/dict of them), in order."""
+    """The tensors of a module output (a tensor, or a tuple/list/dict of them), in order.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.zeros(2), torch.ones(3)
+        >>> [t.shape for t in tensor_outputs((a, None, b))]  # non-tensors are skipped
+        [torch.Size([2]), torch.Size([3])]
+        >>> [t.shape for t in tensor_outputs({"logits": b, "aux": a, "steps": 3})]  # in dict order
+        [torch.Size([3]), torch.Size([2])]
+        >>> tensor_outputs(a)[0] is a, tensor_outputs("text")
+        (True, [])
+    """
     if isinstance(output, Tensor):
         return [output]
     if isinstance(output, Mapping):
@@ -53,6 +64,26 @@ def per_sample_gradients(
         in_dims: Batch dim of each input (None: shared by all samples).
         grad_outputs: Output gradients (None: output got no gradient).
         out_dims: Batch dim of each output.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> lin = torch.nn.Linear(3, 2).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)  # per-sample input [N, I]
+        >>> mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)  # shared by all samples
+        >>> g = torch.randn(5, 2, dtype=torch.float64)  # output gradient [N, O]
+        >>> def call(p, xs):  # one sample: xs["x"] is [1, I]
+        ...     return [torch.func.functional_call(lin, p, (xs["x"] * xs["mask"],))]
+        >>> params = {k: p.detach() for k, p in lin.named_parameters()}
+        >>> inputs, in_dims = {"x": x, "mask": mask}, {"x": 0, "mask": None}
+        >>> grads = per_sample_gradients(lin, params, call, inputs, in_dims, [g], [0])
+        >>> grads["weight"].shape  # [N, *P]
+        torch.Size([5, 2, 3])
+        >>> ref = g[:, :, None] * (x * mask)[:, None, :]  # g_n (x_n ⊙ m)ᵀ
+        >>> torch.allclose(grads["weight"], ref)
+        True
+        >>> torch.allclose(grads["bias"], g)
+        True
     """
     cots = [c for c in grad_outputs if c is not None]
     keep = [i for i, c in enumerate(grad_outputs) if c is not None]
@@ -81,7 +112,31 @@ def per_sample_gradients(
 
 
 def functorch_rule(module: nn.Module, args, kwargs, grad_outputs, wanted) -> dict[str, Factor]:
-    """Fallback for modules without a rule: tensors whose dim 0 equals N are per-sample."""
+    """Fallback for modules without a rule: tensors whose dim 0 equals N are per-sample.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.layers import find_rule
+        >>> _ = torch.manual_seed(0)
+        >>> prelu = torch.nn.PReLU(3).double()  # y = max(0, x) + w ⊙ min(0, x); it has no rule
+        >>> find_rule(prelu) is None
+        True
+        >>> x = torch.randn(5, 3, 4, dtype=torch.float64)  # [N, C, L]
+        >>> g = torch.randn(5, 3, 4, dtype=torch.float64)  # output gradient, same shape
+        >>> factors = functorch_rule(prelu, (x,), {}, (g,), frozenset({"weight"}))
+        >>> w = factors["weight"].to_dense()  # [N, *P]
+        >>> ref = (g * x.clamp(max=0)).sum(2)  # Σ_l g[n,c,l] · min(0, x[n,c,l])
+        >>> w.shape, torch.allclose(w, ref)
+        (torch.Size([5, 3]), True)
+        >>> class Noisy(torch.nn.Linear):  # draws random numbers in forward
+        ...     def forward(self, x):
+        ...         return super().forward(torch.nn.functional.dropout(x, 0.5))
+        >>> x, g = torch.randn(5, 2), torch.randn(5, 2)
+        >>> functorch_rule(Noisy(2, 2), (x,), {}, (g,), frozenset({"weight"}))
+        Traceback (most recent call last):
+        ...
+        cockpit.layers.UnsupportedModuleError: Noisy draws random numbers in forward ...
+    """
     n = next(g.shape[0] for g in grad_outputs if g is not None)
     params = {k: p.detach() for k, p in module.named_parameters(recurse=False) if k in wanted}
     inputs: dict[str, Tensor] = {}
