@@ -6,6 +6,9 @@
   :mod:`benchmarks.reference_env`); writes ``reference.json`` / ``reference.md`` and
   re-renders ``engine.md`` with the measured references beside ours.
 - ``all``: both.
+- ``curvature``: diagonal GGN (exact, Monte-Carlo), diagonal Hessian, Hutchinson trace,
+  Lanczos max eigenvalue and everything together, ours beside BackPACK's curvature
+  extensions (:mod:`benchmarks.bench_curvature`); writes ``curvature.json`` / ``curvature.md``.
 
 ``--quick`` is a smoke test (small N, 3 repetitions, one timing process, memory only
 for the plain step and all first-order quantities on B); its results go to a temporary
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "target", nargs="?", default="engine", choices=["engine", "reference", "all"]
+        "target", nargs="?", default="engine", choices=["engine", "reference", "all", "curvature"]
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: small N, few reps")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -90,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         if not names or chosen:
             bench_reference.run(opts, workloads, chosen, out)
+    if args.target == "curvature":
+        from benchmarks import bench_curvature
+
+        bad = [n for n in names or () if n not in bench_curvature.CONFIGS]
+        if bad:
+            parser.error(f"unknown configurations {bad}; known: {sorted(bench_curvature.CONFIGS)}")
+        bench_curvature.run(opts, workloads, names, out)
+        print("\n" + (out / "curvature.md").read_text())
+        print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}")
+        return 0
     for md in ("engine.md", "reference.md"):
         if (out / md).exists() and (args.target != "engine" or md == "engine.md"):
             print("\n" + (out / md).read_text())

@@ -114,7 +114,9 @@ class Config:
         name: Key in the results (``snake_case``).
         label: Shown in tables.
         setup: ``setup(ctx) -> step``; everything done here (hooks, directions,
-            ``extend``) is set-up cost and not timed.
+            ``extend``) is set-up cost and not timed. A ``step.stats()`` attribute, if
+            the step function has one, returns a JSON-serializable summary of the steps
+            it ran (e.g. Lanczos iteration counts), stored as ``"stats"`` in the timing.
         group: ``"ours"``, ``"baseline"`` or ``"reference"``.
         note: One line shown under the table.
     """
@@ -241,7 +243,7 @@ def time_config(config: Config, workload: Workload, opts: Options) -> dict:
         t_config.append(b / k)
         ratios.append(b / a)
         cpu_ratios.append((c2 - c1) / max(c1 - c0, 1e-9))
-    return {
+    out = {
         "status": "ok",
         "n": workload.batch_size(opts.quick),
         "k": k,
@@ -255,6 +257,10 @@ def time_config(config: Config, workload: Workload, opts: Options) -> dict:
         "plain_ms": 1e3 * statistics.median(t_plain),
         "config_ms": 1e3 * statistics.median(t_config),
     }
+    stats = getattr(step, "stats", None)
+    if callable(stats):  # what the configuration reports about its steps (e.g. HVP counts)
+        out["stats"] = stats()
+    return out
 
 
 def _rss_kib() -> int:
