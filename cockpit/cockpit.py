@@ -38,7 +38,16 @@ from cockpit.engine import Engine
 from cockpit.layers.functorch import tensor_outputs
 from cockpit.losses import individual_losses
 from cockpit.quantities import Gathered
-from instruments.base import Histogram, Instrument, Plan, Record, Scalar, StepContext, Update
+from instruments.base import (
+    Histogram,
+    Instrument,
+    Plan,
+    Record,
+    Scalar,
+    StepContext,
+    Update,
+    squared_norm,
+)
 
 __all__ = ["Cockpit", "NonFiniteError"]
 
@@ -419,7 +428,7 @@ class Cockpit:
         try:
             params = self._trainable()
             delta = {k: params[k].detach() - before[k] for k in before}
-            total = math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta.values()))
+            total = math.sqrt(sum(squared_norm(d) for d in delta.values()))
             call = getattr(ctx, "_call", None)
             if call is not None:
                 ctx._directional = lambda u: self._directional_derivatives(

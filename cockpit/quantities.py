@@ -557,7 +557,22 @@ class Gathered:
         return total
 
     def release(self) -> None:
-        """Drop the kept factors (their tensors are freed with them)."""
+        """Drop the kept factors (their tensors are freed with them).
+
+        Example:
+            >>> import torch
+            >>> from cockpit import Engine
+            >>> from cockpit.quantities import BatchL2
+            >>> model = torch.nn.Linear(3, 2)
+            >>> with Engine(model, torch.nn.MSELoss()) as engine:
+            ...     loss = torch.nn.MSELoss()(model(torch.randn(4, 3)), torch.randn(4, 2))
+            ...     with engine.gather([BatchL2()], keep_factors=True) as result:
+            ...         loss.backward()
+            >>> sorted(result.kept)  # per parameter: (factor, value, tensor versions)
+            ['bias', 'weight']
+            >>> result.release(); result.kept
+            {}
+        """
         self.kept = {}
 
     def __getitem__(self, quantity: Quantity) -> dict[str, Tensor]:

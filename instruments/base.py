@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from cockpit.quantities import Gathered, Quantity
 
 __all__ = [
+    "squared_norm",
     "Instrument",
     "PanelSpec",
     "Plan",
@@ -413,6 +415,17 @@ def register_instrument(cls: type[Instrument]) -> type[Instrument]:
     return cls
 
 
+def squared_norm(t: Tensor) -> float:
+    """``‖t‖²`` accumulated in float64 without a float64 copy of ``t``.
+
+    Example:
+        >>> import torch
+        >>> squared_norm(torch.tensor([[3.0], [4.0]]))
+        25.0
+    """
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+
+
 def norms(step: int, instrument: str, tensors: dict[str, Tensor]) -> list[Record]:
     """Rows ``‖t‖`` per tensor and the model-wide norm (``param="all"``), in float64.
 
@@ -432,7 +445,7 @@ def norms(step: int, instrument: str, tensors: dict[str, Tensor]) -> list[Record
         >>> [(r.param, r.value) for r in rows]
         [('all', 5.0), ('w', 3.0), ('b', 4.0)]
     """
-    squares = {k: float(t.double().pow(2).sum()) for k, t in tensors.items()}
+    squares = {k: squared_norm(t) for k, t in tensors.items()}
     rows: list[Record] = [Scalar(step, instrument, instrument, "all", sum(squares.values()) ** 0.5)]
     rows += [Scalar(step, instrument, instrument, k, v**0.5) for k, v in squares.items()]
     return rows

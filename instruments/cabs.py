@@ -39,6 +39,7 @@ from instruments.base import (
     StepContext,
     Update,
     register_instrument,
+    squared_norm,
 )
 
 __all__ = ["CABS", "cabs", "effective_lr"]
@@ -187,7 +188,7 @@ class CABS(Instrument):
         lr = effective_lr([update.delta[k] for k in keys], [mean[k] for k in keys])
         n = ctx.batch_size
         sum_l2 = float(ctx.gathered.total(BatchL2()).sum())
-        gns = sum(float(mean[k].double().pow(2).sum()) for k in keys)
+        gns = sum(squared_norm(mean[k]) for k in keys)
         loss = ctx.loss if ctx.reduction == "mean" else ctx.loss / n
         value = cabs(lr, sum_l2, gns, n, loss) if math.isfinite(lr) and lr > 0 else math.nan
         return [

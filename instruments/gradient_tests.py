@@ -42,6 +42,7 @@ from instruments.base import (
     Scalar,
     StepContext,
     register_instrument,
+    squared_norm,
 )
 
 __all__ = [
@@ -229,6 +230,9 @@ def suggested_batch_size(test_value: float, n: int, target: float) -> float:
 def _statistics(ctx: StepContext) -> dict[str, tuple[float, float, float]]:
     """``{param or "all": (Σ_n ‖g_n‖², Σ_n (g_nᵀ ḡ)², ‖ḡ‖²)}`` from the gathered quantities."""
     assert ctx.gathered is not None
+    cached = ctx.__dict__.get("_gradient_test_statistics")
+    if cached is not None:  # the three tests and the batch size share one step's sums
+        return dict(cached)
     l2, dots = ctx.gathered[BatchL2()], ctx.gathered[GradDot()]
     mean = ctx.mean_grads
     out = {}
@@ -236,7 +240,7 @@ def _statistics(ctx: StepContext) -> dict[str, tuple[float, float, float]]:
         out[k] = (
             float(l2[k].sum()),
             float((dots[k].double() ** 2).sum()),
-            float(mean[k].double().pow(2).sum()),
+            squared_norm(mean[k]),
         )
     total_dots = ctx.gathered.total(GradDot()).double()
     out["all"] = (
@@ -244,6 +248,7 @@ def _statistics(ctx: StepContext) -> dict[str, tuple[float, float, float]]:
         float((total_dots**2).sum()),
         sum(v[2] for v in out.values()),
     )
+    ctx.__dict__["_gradient_test_statistics"] = dict(out)
     return out
 
 
