@@ -115,6 +115,33 @@ class ConvFactor(AffineFactor):
         g: Output gradient ``[N, C_out, *out]``, already scaled.
         module: The convolution (kernel size, stride, dilation, groups).
         padding: Symmetric per-dimension zero padding applied by the convolution.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.quantities import BatchL2, Projection
+        >>> _ = torch.manual_seed(0)
+        >>> layer = torch.nn.Conv2d(16, 4, 3, padding=1).double()
+        >>> x = torch.randn(2, 16, 8, 8, dtype=torch.float64)  # input [N, C_in, H, W]
+        >>> g = torch.randn(2, 4, 8, 8, dtype=torch.float64)  # output gradient [N, C_out, H, W]
+        >>> f = ConvFactor(x, g, layer, layer.padding)
+        >>> f.s, f.groups  # S = 8·8 output positions
+        (64, 1)
+        >>> dense = f.to_dense()  # one grouped weight-gradient convolution, [N, *P]
+        >>> dense.shape
+        torch.Size([2, 4, 16, 3, 3])
+        >>> f.a.shape, f.b.shape  # built on first use: [N, G, S, C_in·K], [N, G, S, C_out]
+        (torch.Size([2, 1, 64, 144]), torch.Size([2, 1, 64, 4]))
+        >>> torch.allclose(dense, AffineFactor(f.a, f.b, f.shape).to_dense())
+        True
+        >>> f.drop_cache()  # frees the patches (rebuilt when needed again)
+        >>> "a" in vars(f)
+        False
+        >>> qs = [Projection("u"), BatchL2()]
+        >>> u = {"u": torch.randn(4, 16, 3, 3, dtype=torch.float64)}  # a direction shaped like P
+        >>> got = f.reduce(qs, layer.weight.detach(), u)  # the projection is one convolution
+        >>> ref = DenseFactor(dense).reduce(qs, layer.weight.detach(), u)
+        >>> all(torch.allclose(got[q], ref[q]) for q in qs)
+        True
     """
 
     def __init__(self, x: Tensor, g: Tensor, module: nn.modules.conv._ConvNd, padding) -> None:
@@ -219,7 +246,25 @@ def _conv_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, t
 
 @register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv(module: nn.modules.conv._ConvNd, args, kwargs, grad_outputs, wanted) -> dict[str, Factor]:
-    """Unfolded input patches against the output gradient."""
+    """Unfolded input patches against the output gradient.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> layer = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="circular")
+        >>> layer = layer.double()
+        >>> x = torch.randn(3, 4, 7, 7, dtype=torch.float64)  # input [N, C_in, H, W]
+        >>> g = torch.randn(3, 6, 4, 4, dtype=torch.float64)  # output gradient [N, C_out, H', W']
+        >>> factors = conv(layer, (x,), {}, (g,), frozenset({"weight", "bias"}))
+        >>> type(factors["weight"]).__name__, factors["bias"].to_dense().shape  # bias: [N, C_out]
+        ('ConvFactor', torch.Size([3, 6]))
+        >>> def dot(p, xn, gn):  # sample n's gradient is ∇_θ ⟨g_n, layer(x_n)⟩
+        ...     return (torch.func.functional_call(layer, p, (xn[None],)) * gn[None]).sum()
+        >>> per_sample = torch.func.vmap(torch.func.grad(dot), in_dims=(None, 0, 0))
+        >>> ref = per_sample(dict(layer.named_parameters()), x, g)  # {name: [N, *P]}
+        >>> all(torch.allclose(factors[k].to_dense(), ref[k]) for k in ("weight", "bias"))
+        True
+    """
     x, g = args[0], grad_outputs[0]
     d = len(module.kernel_size)
     if x.dim() != d + 2:
@@ -239,7 +284,25 @@ def conv(module: nn.modules.conv._ConvNd, args, kwargs, grad_outputs, wanted) ->
 def conv_transpose(
     module: nn.modules.conv._ConvTransposeNd, args, kwargs, grad_outputs, wanted
 ) -> dict[str, Factor]:
-    """Adjoint of a convolution: patches of the output gradient against the input."""
+    """Adjoint of a convolution: patches of the output gradient against the input.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> layer = torch.nn.ConvTranspose1d(4, 2, 3, stride=2, output_padding=1, groups=2).double()
+        >>> x = torch.randn(3, 4, 5, dtype=torch.float64)  # input [N, C_in, L]
+        >>> g = torch.randn(3, 2, 12, dtype=torch.float64)  # output gradient [N, C_out, L']
+        >>> factors = conv_transpose(layer, (x,), {}, (g,), frozenset({"weight", "bias"}))
+        >>> w = factors["weight"]  # a: g's patches [N, G, L, C_out/G·K], b: x [N, G, L, C_in/G]
+        >>> w.a.shape, w.b.shape, w.to_dense().shape
+        (torch.Size([3, 2, 5, 3]), torch.Size([3, 2, 5, 2]), torch.Size([3, 4, 1, 3]))
+        >>> def dot(p, xn, gn):  # sample n's gradient is ∇_θ ⟨g_n, layer(x_n)⟩
+        ...     return (torch.func.functional_call(layer, p, (xn[None],)) * gn[None]).sum()
+        >>> per_sample = torch.func.vmap(torch.func.grad(dot), in_dims=(None, 0, 0))
+        >>> ref = per_sample(dict(layer.named_parameters()), x, g)  # {name: [N, *P]}
+        >>> all(torch.allclose(factors[k].to_dense(), ref[k]) for k in ("weight", "bias"))
+        True
+    """
     x, g = args[0], grad_outputs[0]
     d = len(module.kernel_size)
     if x.dim() != d + 2:
