@@ -9,10 +9,13 @@ followed) must still be a child of the resolved root. Anything else is :class:`R
 
 Reading is incremental and shared. A :class:`LogCache` keeps, per run, a :class:`RunLog`: one
 :class:`~cockpit.logreader.LogTail` per table (the first read of a table is one multi-threaded
-Parquet scan) plus the rows read so far, split into *buckets* by ``(instrument, param)`` and
-held as plain numpy arrays (chunks merged like a binary counter, so a refresh never copies a
-whole bucket). Every row remembers the tail cursor (the highest segment number read) at which
-it arrived, so
+Parquet scan, streamed batch by batch with the string columns dictionary-encoded) plus the rows
+read so far, split into *buckets* by ``(instrument, param)`` and held as plain numpy arrays
+(chunks merged like a binary counter, so a refresh never copies a whole bucket). Only the
+buckets named by the cache's ``keep`` are held: the dashboard passes what its panels and hints
+read (:func:`app.callbacks.needed_reads`), so e.g. per-tensor distances no panel shows are
+dropped as they are read. Every row remembers the tail cursor (the highest segment number
+read) at which it arrived, so
 
 * a **client cursor** is ``{"epoch", "scalars", "histograms"}``: the run's identity and the
   table cursors of the client's last update. It lives in the browser (a ``dcc.Store``), never
@@ -609,13 +612,16 @@ class _ScanRows:
                 values = batch.column(name).to_numpy(zero_copy_only=False)
             arrays[name] = values if rows is None else values[rows]
         self.batches += 1
-        for key, piece in _split(_Columns(arrays, codes), self.table).items():
+        pieces = _split(_Columns(arrays, codes), self.table, compact_metrics=False)
+        for key, piece in pieces.items():
             self.parts.setdefault(key, []).append((segment, self.batches, piece))
 
     def buckets(self) -> dict[tuple[str, str], _Piece]:
         """Each bucket's rows, in segment order (and batch order within a segment)."""
         return {
-            key: _join([piece for _, _, piece in sorted(parts, key=lambda part: part[:2])])
+            key: _compact_metrics(
+                _join([piece for _, _, piece in sorted(parts, key=lambda part: part[:2])])
+            )
             for key, parts in self.parts.items()
         }
 
@@ -692,12 +698,17 @@ def _wanted(
 
 
 def _split(
-    cols: _Columns, table: str, keep: Collection[Read] | None = None
+    cols: _Columns,
+    table: str,
+    keep: Collection[Read] | None = None,
+    compact_metrics: bool = True,
 ) -> dict[tuple[str, str], _Piece]:
     """Split freshly read rows into ``(instrument, param)`` buckets, keeping their order.
 
     O(n): one stable radix sort on a small integer key, one gather per column, then slices.
     Rows of buckets that ``keep`` does not name are dropped first (see :class:`LogCache`).
+    ``compact_metrics=False`` leaves each piece with all metric names of ``cols`` (see
+    :func:`_compact_metrics`), for pieces that are joined later anyway.
     """
     if cols.size == 0:
         return {}
@@ -726,21 +737,29 @@ def _split(
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
         k = int(key[a])
         arrays = {name: values[a:b] for name, values in plain.items()}
-        metric, names = None, ()
+        piece = _Piece(arrays, None, (), np.empty(0, np.int64))
         if metric_codes is not None:
-            sub = metric_codes[a:b]
-            used = np.flatnonzero(np.bincount(sub, minlength=len(metric_names)))
-            if used.size == 1:
-                metric = np.zeros(b - a, np.int32)
-            else:
-                remap = np.zeros(len(metric_names), np.int32)
-                remap[used] = np.arange(used.size)
-                metric = remap[sub]
-            names = tuple(metric_names[i] for i in used)
-        out[(insts[k // len(params)], params[k % len(params)])] = _Piece(
-            arrays, metric, names, np.empty(0, np.int64)
-        )
+            piece = piece._replace(metric=metric_codes[a:b], names=tuple(metric_names))
+            if compact_metrics:
+                piece = _compact_metrics(piece)
+        out[(insts[k // len(params)], params[k % len(params)])] = piece
     return out
+
+
+def _compact_metrics(piece: _Piece) -> _Piece:
+    """The piece with only the metric names its rows use (codes renumbered in name order)."""
+    if piece.metric is None:
+        return piece
+    used = np.flatnonzero(np.bincount(piece.metric, minlength=len(piece.names)))
+    if used.size == len(piece.names):
+        return piece
+    if used.size == 1:
+        metric = np.zeros(piece.metric.size, np.int32)
+    else:
+        remap = np.zeros(len(piece.names), np.int32)
+        remap[used] = np.arange(used.size)
+        metric = remap[piece.metric]
+    return piece._replace(metric=metric, names=tuple(piece.names[i] for i in used))
 
 
 def _nbytes(piece: _Piece, table: str) -> int:
