@@ -268,6 +268,49 @@ class Engine:
     the elementwise activation modules (see :mod:`cockpit.curvature`). These hooks only
     keep references to tensors autograd keeps anyway (plus the detached inputs and
     targets of the last step) and cost nothing on untracked steps.
+
+    Example:
+        >>> import torch
+        >>> from cockpit.quantities import BatchL2
+        >>> _ = torch.manual_seed(0)
+        >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
+        >>> model = torch.nn.Sequential(*layers).double()  # D = 3·4 + 4 + 4·2 + 2 = 26 parameters
+        >>> loss_fn = torch.nn.CrossEntropyLoss()  # reduction="mean"
+        >>> x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+        >>> engine = Engine(model, loss_fn)
+        >>> engine.hooked_modules
+        {'0': 'linear', '2': 'linear'}
+        >>> loss = loss_fn(model(x), y)
+        >>> with engine.gather([BatchL2()]) as result:
+        ...     loss.backward()  # the user's backward pass; p.grad is filled as usual
+        >>> l2 = result[BatchL2()]  # {parameter name: ‖g_n‖² of that parameter, [N]}
+        >>> hess = engine.hessian_operator()  # of the last recorded batch loss, [D, D]
+        >>> v = torch.randn(26, dtype=torch.float64)  # [D], in model.named_parameters() order
+        >>> hv = hess @ v  # [D]
+        >>> engine.close()  # removes every hook
+        >>> def sample_loss(p, xn, yn):  # l_n, the loss of sample n alone
+        ...     return loss_fn(torch.func.functional_call(model, p, (xn[None],)), yn[None])
+        >>> per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))
+        >>> ref = per_sample(dict(model.named_parameters()), x, y)  # {name: [N, *P]}
+        >>> all(torch.allclose(l2[k], ref[k].flatten(1).square().sum(1)) for k in ref)
+        True
+        >>> torch.allclose(model[0].weight.grad, ref["0.weight"].mean(0))  # plain p.grad
+        True
+        >>> def batch_loss(flat):  # L as a function of the flat parameter vector
+        ...     return loss_fn(torch.func.functional_call(model, hess.unflatten(flat), (x,)), y)
+        >>> flat = hess.flatten(dict(model.named_parameters())).detach()  # [D]
+        >>> torch.allclose(hv, torch.autograd.functional.hvp(batch_loss, flat, v)[1])
+        True
+
+        Monte-Carlo curvature and Hutchinson probes draw from the engine's own generator, so
+        training's random stream is never touched:
+
+        >>> with Engine(model, loss_fn, seed=0) as engine:  # closed on leaving the block
+        ...     first = torch.randn(2, generator=engine.generator())
+        ...     engine.manual_seed(0)  # restart the engine's stream
+        ...     again = torch.randn(2, generator=engine.generator())
+        >>> torch.equal(first, again)
+        True
     """
 
     def __init__(
@@ -666,6 +709,26 @@ class Engine:
             RuntimeError: No backward pass ran inside the block.
             ValueError: Curvature requested without a loss module, or with a loss whose
                 reduction or input the engine cannot use.
+
+        Example:
+            >>> import torch
+            >>> from cockpit.quantities import IndividualGradients, Projection
+            >>> _ = torch.manual_seed(0)
+            >>> model = torch.nn.Linear(3, 2).double()
+            >>> x = torch.randn(4, 3, dtype=torch.float64)  # [N, I]
+            >>> u = {"weight": torch.ones(2, 3, dtype=torch.float64)}  # none for the bias: 0
+            >>> wanted = [Projection("u"), IndividualGradients()]
+            >>> options = dict(directions={"u": u}, reduction="sum", keep_factors=True)
+            >>> with Engine(model) as engine:  # no loss module: gather names the reduction
+            ...     loss = model(x).square().sum()
+            ...     with engine.gather(wanted, **options) as result:
+            ...         loss.backward()
+            >>> g = result[IndividualGradients()]["weight"]  # [N, *P]
+            >>> proj = result[Projection("u")]  # {name: ⟨g_n, u⟩, [N]}
+            >>> torch.allclose(proj["weight"], g.sum((1, 2))), proj["bias"]
+            (True, tensor([0., 0., 0., 0.], dtype=torch.float64))
+            >>> torch.allclose(result.project(u), proj["weight"])  # kept factors: projected later
+            True
         """
         requests = tuple(dict.fromkeys(quantities))
         curvature = tuple(q for q in requests if isinstance(q, CURVATURE))
