@@ -689,6 +689,29 @@ def test_a_full_build_sends_no_nan_so_the_json_is_encoded_once(root):
         assert "null" in text  # the gaps and blank cells are still there, as null
 
 
+def test_every_figure_the_server_sends_passes_plotly_validation(root):
+    """The builders skip Plotly's validation for speed; what a full build sends is checked here."""
+    import plotly.graph_objects as go
+
+    from app.callbacks import Updater, View
+
+    for name in ("a", "b"):
+        with writer(root / name) as w:
+            write_steps(w, range(30), instruments=("loss", "grad_norm", "alpha", "user"))
+    updater = Updater(LogCache(root), panel_catalog())
+    views = [
+        View(runs=("a",), focus="a", smoothing=0.6, layer=PARAMS[0]),
+        View(runs=("a", "b"), focus="b", x="wall_time", layer=PARAMS[1], logs={"grad_norm": True}),
+        View(runs=("a",), focus="a"),  # no layer picked yet
+    ]
+    for view in views:
+        for name, figure in updater.full(view).figures.items():
+            try:
+                go.Figure(figure)
+            except (ValueError, TypeError) as exc:
+                raise AssertionError(f"{name}: {exc}") from exc
+
+
 def test_focus_change_rebuilds_only_single_run_panels_and_snapshots_are_throttled(root):
     for name in ("a", "b"):
         with writer(root / name) as w:

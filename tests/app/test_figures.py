@@ -513,6 +513,47 @@ def test_every_default_panel_has_an_empty_state():
         assert "not tracked" in annotation_texts(fig), spec.name
 
 
+def validated(fig):
+    """The figure through Plotly's validating constructor (raises on an invalid property).
+
+    The builders skip Plotly's per-property validation for speed (figures._figure); these
+    tests are where their output is validated.
+    """
+    return go.Figure(fig.to_plotly_json() if isinstance(fig, go.Figure) else fig)
+
+
+@pytest.mark.parametrize("x", ["step", "wall_time"])
+def test_every_builder_output_passes_plotly_validation(x):
+    runs = {"a": full_run(), "b": full_run(seed=1)}
+    hists = {"a": hists_run(), "b": hists_run()}
+    empty = {"a": scalars([])}
+    for spec in F.DEFAULT_PANELS:
+        for opts in (
+            F.PanelOptions(smoothing=0.5, x=x),
+            F.PanelOptions(smoothing=0.0, x=x, y_log=True, run="b"),
+            F.PanelOptions(tracked=False, x=x),
+        ):
+            validated(F.build_panel(spec, runs, hists, opts))
+            validated(F.build_panel(spec, empty, {}, opts))
+    rng = np.random.default_rng(0)
+    e, joint = np.linspace(-1, 1, 11), rng.random((10, 10))
+    for fig in (
+        F.empty_figure("no data yet", "t"),
+        F.alpha_gauge(rng.normal(size=50)),
+        F.alpha_gauge([]),
+        F.gradient_tests_figure(1.0, 0.5, 2.0),
+        F.gradient_tests_figure(None, None, None),
+        F.hist_1d_figure(rng.random(10), e, log_y=True),
+        F.hist_2d_figure(joint, e, e, log_color=False),
+        F.hist_over_time_figure([0, 1], [rng.random(10)] * 2, e),
+        F.hist_over_time_figure([], [], None),
+        F.layer_grid_figure({"w": (joint, e, e), "b": (np.zeros((10, 10)), e, e)}),
+        F.layer_grid_figure({}),
+    ):
+        validated(fig)
+    assert F.warm_up() == 9
+
+
 def test_build_panel_plain_line_needs_no_figure_code():
     df = scalars([(s, "my_new_snr", "snr", "all", float(s)) for s in range(5)])
     spec = {
