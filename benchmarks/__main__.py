@@ -9,6 +9,13 @@
 - ``curvature``: diagonal GGN (exact, Monte-Carlo), diagonal Hessian, Hutchinson trace,
   Lanczos max eigenvalue and everything together, ours beside BackPACK's curvature
   extensions (:mod:`benchmarks.bench_curvature`); writes ``curvature.json`` / ``curvature.md``.
+- ``presets``: our ``economy``/``business``/``full`` presets through the public
+  ``Cockpit`` API beside Cockpit 1.0.2's presets and each of its instruments alone
+  (:mod:`benchmarks.bench_presets`); writes ``presets.json`` / ``presets.md``.
+- ``scaling``: the economy preset (ours and Cockpit 1.0.2's) against batch size and MLP
+  width (:mod:`benchmarks.bench_scaling`); writes ``scaling.json`` / ``scaling.md``.
+- ``crosscheck``: the numerical cross-check against Cockpit 1.0.2
+  (``benchmarks/test_crosscheck.py``, run with pytest; skips without ``.bench-venv``).
 
 ``--quick`` is a smoke test (small N, 3 repetitions, one timing process, memory only
 for the plain step and all first-order quantities on B); its results go to a temporary
@@ -39,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "target", nargs="?", default="engine", choices=["engine", "reference", "all", "curvature"]
+        "target",
+        nargs="?",
+        default="engine",
+        choices=["engine", "reference", "all", "presets", "scaling", "crosscheck", "curvature"],
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: small N, few reps")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -51,7 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     parser.add_argument("--mem-cap-gib", type=float, help="per-process memory cap (default 8)")
     parser.add_argument("--out", type=Path, help="results directory")
+    parser.add_argument("--sizes", help="scaling: comma-separated batch sizes (default 16..512)")
+    parser.add_argument("--widths", help="scaling: comma-separated MLP widths (default 32..2048)")
     args = parser.parse_args(argv)
+
+    if args.target == "crosscheck":
+        import subprocess
+
+        test = Path(__file__).resolve().parent / "test_crosscheck.py"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(test)]
+        return subprocess.run(cmd, cwd=test.parent.parent).returncode
 
     if args.device == "cuda":
         import torch
@@ -65,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         mem_cap_gib=args.mem_cap_gib,
         memory=False if args.no_memory else None,
     )
-    workloads = _csv(args.workloads) or list(WORKLOADS)
+    default_workloads = ["A", "B"] if args.target == "scaling" else list(WORKLOADS)
+    workloads = _csv(args.workloads) or default_workloads
     for w in workloads:
         if w not in WORKLOADS:
             parser.error(f"unknown workload {w!r}; choose from {sorted(WORKLOADS)}")
@@ -93,6 +113,24 @@ def main(argv: list[str] | None = None) -> int:
             )
         if not names or chosen:
             bench_reference.run(opts, workloads, chosen, out)
+    if args.target == "presets":
+        from benchmarks import bench_presets
+
+        bad = [n for n in names or () if n not in bench_presets.CONFIGS]
+        if bad:
+            parser.error(f"unknown configurations {bad}; known: {sorted(bench_presets.CONFIGS)}")
+        bench_presets.run(opts, workloads, names, out)
+        print("\n" + (out / "presets.md").read_text())
+    if args.target == "scaling":
+        from benchmarks import bench_scaling
+
+        sizes = [int(v) for v in _csv(args.sizes) or ()] or None
+        widths = [int(v) for v in _csv(args.widths) or ()] or None
+        try:
+            bench_scaling.run(opts, workloads, names, out, sizes=sizes, widths=widths)
+        except ValueError as err:
+            parser.error(str(err))
+        print("\n" + (out / "scaling.md").read_text())
     if args.target == "curvature":
         from benchmarks import bench_curvature
 
@@ -104,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}")
         return 0
     for md in ("engine.md", "reference.md"):
+        if args.target in ("presets", "scaling"):
+            break
         if (out / md).exists() and (args.target != "engine" or md == "engine.md"):
             print("\n" + (out / md).read_text())
     print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}")

@@ -106,10 +106,11 @@ CONFIGS: dict[str, Config] = {
 }
 
 
-def _copy_worker_files(dest: Path) -> Path:
+def _copy_worker_files(dest: Path, extra: Iterable[str] = ()) -> Path:
+    """Copy :data:`WORKER_FILES` (and ``extra`` torch-only modules) to ``dest/benchmarks``."""
     pkg = dest / "benchmarks"
     pkg.mkdir()
-    for name in WORKER_FILES:
+    for name in (*WORKER_FILES, *extra):
         shutil.copy2(HERE / name, pkg / name)
     return pkg
 
