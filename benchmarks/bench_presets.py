@@ -262,7 +262,7 @@ def worker_main(spec_json: str) -> int:
             try:
                 entry = measure(known[name], resolve_workload(key), opts)
             except Exception as err:  # noqa: BLE001 - one failing entry must not stop the rest
-                if harness._is_oom(err):
+                if any(harness._is_oom(e) for e in _chain(err)):
                     entry = {"status": f"skipped: exceeds {opts.mem_cap_gib:g} GiB"}
                 else:
                     first = (str(err).splitlines() or [""])[0][:300]
@@ -274,6 +274,20 @@ def worker_main(spec_json: str) -> int:
             gc.collect()
             Path(spec["out"]).write_text(json.dumps(results))
     return 0
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """The exception and those it was raised from or during.
+
+    Cockpit 1.0.2's context manager runs its tracking in ``__exit__`` even when the
+    backward pass failed, so an allocation failure there surfaces as an
+    ``AttributeError`` (a missing BackPACK buffer) whose context is the real error.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 # ---------------------------------------------------------------------- parent
@@ -494,7 +508,8 @@ def render_markdown(result: dict) -> str:
         "",
         *_meta_lines(ours, "ours"),
         *_meta_lines(ref, "Cockpit 1.0.2"),
-        "- workloads: " + "; ".join(f"{w} = {WORKLOADS[w].name}, N={_n(ours, ref, w)}" for w in ws),
+        "- workloads: "
+        + "; ".join(f"{w} = {WORKLOADS[w].name}, N={_n(ours, ref, w, bool(quick))}" for w in ws),
         "- ours: public `Cockpit(model, loss_fn, optimizer, instruments=preset, "
         "logdir=<temporary directory>)`: the Parquet log writer is part of the step, as "
         "for a user. Cockpit 1.0.2: `configuration(preset)` in its documented loop "
@@ -615,13 +630,13 @@ def _plain_mem(suite: dict, w: str) -> str:
     return f"{m['step_rss_mib']:.0f} MiB (peak {m['peak_rss_mib'] / 1024:.2f} GiB)"
 
 
-def _n(ours: dict, ref: dict, w: str) -> int | str:
+def _n(ours: dict, ref: dict, w: str, quick: bool = False) -> int:
     for suite in (ours, ref):
         for c in (suite.get("configs") or {}).values():
             e = c["results"].get(w)
             if e and "n" in e:
                 return e["n"]
-    return "?"
+    return resolve_workload(w).batch_size(quick)
 
 
 def absolute_table(suites: list[dict], ws: list[str]) -> list[str]:
