@@ -559,7 +559,8 @@ def render_markdown(result: dict) -> str:
         "",
         "## Memory",
         "",
-        "Footprint of two steps in a fresh process (peak RSS minus RSS before the first step; "
+        "Footprint of the first steps (2; quick: 1) in a fresh process (peak RSS minus RSS "
+        "before the first step; "
         "ratio to the plain step's footprint; peak RSS of the process). A configuration that "
         "does not fit the per-process cap is skipped and says so.",
         "",
