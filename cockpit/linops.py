@@ -485,13 +485,15 @@ def lanczos(
 
     Builds a Krylov basis with full reorthogonalization (twice, classical Gram-Schmidt)
     and stops once every one of the k Ritz values of largest magnitude ``θ_i`` has the
-    error estimate ``min(r_i, r_i²/gap_i) ≤ tol·|θ_i|``, with the residual norm
-    ``r_i = ‖A y_i − θ_i y_i‖ = β_m |s_{m,i}|`` and ``gap_i`` the distance to the nearest
-    other Ritz value (the standard residual and gap bounds on the eigenvalue error,
-    e.g. Saad, *Numerical Methods for Large Eigenvalue Problems*, 2011, §4.3), or when
-    the Krylov space is invariant (then the pairs are exact). Far fewer products than
-    power iteration for the same accuracy, since Lanczos converges with the square root
-    of the power method's rate.
+    residual norm ``r_i = ‖A y_i − θ_i y_i‖ = β_m |s_{m,i}| ≤ tol·|θ_i|`` (an
+    eigenvalue of A lies within ``r_i`` of ``θ_i``: Saad, *Numerical Methods for Large
+    Eigenvalue Problems*, 2011, §4.3), or when the Krylov space is invariant (then the
+    pairs are exact). The sharper ``r_i²/gap_i`` estimate is *not* used: with the gap
+    taken between Ritz values it is no bound while nearby eigenvalues are unresolved,
+    and a warm start stopped after 4 products 3e-3 below the true top eigenvalue
+    (0.845 vs a second eigenvalue of 0.794) while claiming 1e-3. Far fewer products
+    than power iteration for the same accuracy, since Lanczos converges with the square
+    root of the power method's rate.
 
     Args:
         op: A symmetric operator (``shape``, ``@``), e.g. :class:`HessianOperator`.
@@ -564,14 +566,7 @@ def lanczos(
                 converged = True
                 break
             resid = beta * s[-1, idx].abs()
-            if j > 0:
-                diffs = (theta[idx, None] - theta[None, :]).abs()
-                diffs[torch.arange(len(idx)), idx] = math.inf
-                gap = diffs.min(1).values
-                bound = torch.minimum(resid, resid**2 / gap)
-            else:
-                bound = resid
-            if bool((bound <= tol * theta[idx].abs()).all()):
+            if bool((resid <= tol * theta[idx].abs()).all()):
                 converged = True
                 break
         if j + 1 == max_iter:
