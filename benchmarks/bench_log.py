@@ -292,7 +292,7 @@ def bench_writer(tmp: Path, results: list[tuple[str, str, str, str]], steps: int
     counts, edges = np.ones(64), [np.linspace(-1, 1, 65)]
     layout = f"{ROWS_PER_STEP} scalars/step + 1 hist/10 steps"
 
-    def run(name: str, n_steps: int, pause: float) -> tuple[list[float], float, float]:
+    def run(name: str, n_steps: int, pause: float) -> tuple[list[float], float, float, str]:
         per_step = []
         start_all = time.perf_counter()
         with LogWriter(tmp / name) as log:  # defaults: a hand-off per 10 steps, fsync on
@@ -304,27 +304,32 @@ def bench_writer(tmp: Path, results: list[tuple[str, str, str, str]], steps: int
                 per_step.append(time.perf_counter() - start)
                 if pause:
                     time.sleep(pause)
+            waits = _waits(log)
             start = time.perf_counter()
         end = time.perf_counter()
-        return sorted(t * 1e6 for t in per_step), end - start, end - start_all
+        return sorted(t * 1e6 for t in per_step), end - start, end - start_all, waits
 
-    paced, _, _ = run("writer-paced", min(steps, 2000), 0.005)
-    mean, p99 = statistics.fmean(paced), paced[int(0.99 * len(paced))]
+    def spread(us: list[float]) -> str:
+        return (
+            f"{statistics.median(us):.1f} / {statistics.fmean(us):.1f} / "
+            f"{us[int(0.99 * len(us))]:.1f} / {us[-1]:.0f} µs"
+        )
+
+    paced, _, _, waits = run("writer-paced", min(steps, 2000), 0.005)
     results.append(
         (
-            "LogWriter add_* time per step (mean / p99 / max)",
+            "LogWriter add_* time per step (median / mean / p99 / max)",
             f"{layout}, steps 5 ms apart, {len(paced)} steps",
-            f"{mean:.1f} / {p99:.1f} / {paced[-1]:.0f} µs",
+            f"{spread(paced)}; {waits}",
             "",
         )
     )
-    tight, close_time, total = run("writer-tight", steps, 0.0)
+    tight, close_time, total, waits = run("writer-tight", steps, 0.0)
     results.append(
         (
-            "LogWriter back to back: time per step incl. waits for the disk (mean / p99 / max)",
+            "LogWriter back to back: time per step (median / mean / p99 / max)",
             f"{layout}, no work between steps, {steps} steps",
-            f"{statistics.fmean(tight):.1f} / {tight[int(0.99 * len(tight))]:.1f} / "
-            f"{tight[-1]:.0f} µs ({steps / total:.0f} steps/s)",
+            f"{spread(tight)}; {steps / total:.0f} steps/s; {waits}",
             "",
         )
     )
@@ -468,6 +473,12 @@ def bench_disk(
     return calls
 
 
+def _waits(log: LogWriter) -> str:
+    """How often new steps waited for the disk to keep the loss bound."""
+    worker = log._worker
+    return f"{worker.bound_waits} waits for the disk ({worker.bound_wait_seconds:.2f} s)"
+
+
 def _thread_cpu(threads: list[threading.Thread]) -> float:
     """CPU seconds the (running) ``threads`` have used so far."""
     return sum(
@@ -527,6 +538,7 @@ def bench_overhead(
             caller.append(time.perf_counter() - t1)
             plain.append(t1 - t0)
         background_here = (_thread_cpu(threads) - cpu0) / steps
+        waits = _waits(log)
     plain_s = statistics.median(plain)
     caller_s = statistics.fmean(caller)
     overhead = (caller_s + background) / plain_s
@@ -540,6 +552,7 @@ def bench_overhead(
         "replay_steps": replay_steps,
         "replay_wall_per_step_s": replay_wall / replay_steps,
         "ratio": overhead,
+        "waits": waits,
     }
     layout = (
         f"B, N={w.n}: {steps} plain steps (median {plain_s * 1e3:.0f} ms), each followed by "
@@ -549,7 +562,8 @@ def bench_overhead(
         (
             "writer overhead: add_* time + background CPU (incl. compaction), per plain step",
             layout,
-            f"{overhead * 100:.2f} % ({caller_s * 1e3:.2f} ms + {background * 1e3:.2f} ms)",
+            f"{overhead * 100:.2f} % ({caller_s * 1e3:.2f} ms + {background * 1e3:.2f} ms); "
+            f"{waits}",
             "< 2 %" + (" ✓" if overhead < 0.02 else " ✗"),
         )
     )

@@ -480,6 +480,9 @@ class _Worker:
         self.pending: deque[_Handoff | _Flush] = deque()  # not yet taken by the thread
         self.undone: deque[_Handoff] = deque()  # handed off, not yet written
         self.stopping = False
+        # How often, and how long in all, a new step waited for the disk (for benchmarks).
+        self.bound_waits = 0
+        self.bound_wait_seconds = 0.0
 
         self.thread = threading.Thread(
             target=self.run, name=f"cockpit-logwriter:{run_dir.name}", daemon=True
@@ -533,6 +536,7 @@ class _Worker:
         # row added more than max_seconds ago, must be on disk before this one starts.
         need_rows = self.window_starts[0] if len(self.window_starts) == self.max_steps else 0
         oldest_allowed = now - self.max_seconds
+        waited = False
         while True:
             if self.windows and (
                 self.rows_handed < need_rows or self.windows[0].start < oldest_allowed
@@ -542,7 +546,11 @@ class _Worker:
                 not self.undone or self.undone[0].first_time >= oldest_allowed
             ):
                 break
+            waited = True
             self._wait()
+        if waited:
+            self.bound_waits += 1
+            self.bound_wait_seconds += time.monotonic() - now
         self._open_window(now)
 
     def _handoff(self) -> None:
