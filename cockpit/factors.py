@@ -461,7 +461,12 @@ class AffineFactor(Factor):
         out: dict[Quantity, Tensor] = {}
         if self.s == 1:
             cheap = (BatchL2, BatchDot, GradDot, SecondMoment, Projection)
-            if OUTER_HIST and bool(self.a.isfinite().all()) and bool(self.b.isfinite().all()):
+            if (
+                OUTER_HIST
+                and any(isinstance(q, Hist1D) for q in requests)
+                and bool(self.a.isfinite().all())
+                and bool(self.b.isfinite().all())
+            ):
                 cheap += (Hist1D,)
         elif self._gram_cost() < self._materialize_cost():
             cheap = (BatchL2, Projection)
