@@ -268,7 +268,19 @@ def run(
     path = out_dir / "engine.json"
     if names and path.exists():
         old = json.loads(path.read_text())
-        old["configs"].update(suite["configs"])
+        for name, entry in suite["configs"].items():
+            kept = old["configs"].get(name)
+            if kept is None:
+                old["configs"][name] = entry
+                continue
+            # merge per workload: a run on --workloads A must not drop B and C
+            for w, result in entry.get("results", {}).items():
+                previous = kept.setdefault("results", {}).get(w) or {}
+                if "memory" not in result and "memory" in previous:  # a --no-memory run
+                    for key in ("memory", "rss_growth_mib", "mem_ratio"):
+                        if key in previous:
+                            result[key] = previous[key]
+                kept["results"][w] = result
         old.setdefault("partial_runs", []).append(suite["meta"])
         suite = old
     path.write_text(json.dumps(suite, indent=1))
