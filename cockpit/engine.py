@@ -725,8 +725,8 @@ class Engine:
             ...         loss.backward()
             >>> g = result[IndividualGradients()]["weight"]  # [N, *P]
             >>> proj = result[Projection("u")]  # {name: ⟨g_n, u⟩, [N]}
-            >>> torch.allclose(proj["weight"], g.sum((1, 2))), proj["bias"]
-            (True, tensor([0., 0., 0., 0.], dtype=torch.float64))
+            >>> torch.allclose(proj["weight"], g.sum((1, 2))), proj["bias"].tolist()
+            (True, [0.0, 0.0, 0.0, 0.0])
             >>> torch.allclose(result.project(u), proj["weight"])  # kept factors: projected later
             True
         """
