@@ -417,9 +417,17 @@ def _merge(old: dict, new: dict) -> dict:
         if not old.get(side):
             old[side] = new[side]
             continue
-        old[side]["configs"].update(new[side]["configs"])
+        # merge per workload: a run on --workloads C must not drop A and B
+        for name, entry in new[side]["configs"].items():
+            kept = old[side]["configs"].setdefault(name, entry)
+            if kept is not entry:
+                kept.setdefault("results", {}).update(entry.get("results", {}))
+        old[side].setdefault("plain_memory", {}).update(new[side].get("plain_memory") or {})
         old[side].setdefault("partial_runs", []).append(new[side]["meta"])
     old.setdefault("partial_runs", []).append(new["meta"])
+    meta = old.setdefault("meta", {})
+    seen = [*meta.get("workloads", []), *new["meta"]["workloads"]]
+    meta["workloads"] = [w for w in dict.fromkeys(seen)]
     return old
 
 
