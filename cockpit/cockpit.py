@@ -98,9 +98,11 @@ class Cockpit:
         optimizer: Any ``torch.optim.Optimizer``; its ``step()`` is hooked to see the
             actual update ``θ_{t+1} − θ_t``.
         instruments: A preset (``"economy"``, ``"business"``, ``"full"``), a list of
-            instrument names, or configured :class:`~instruments.base.Instrument`
-            objects (mixing is fine). Instruments without their own schedule use
-            ``schedule``.
+            preset names, instrument names and configured
+            :class:`~instruments.base.Instrument` objects (mixing is fine; an instrument
+            given explicitly replaces a preset's default one of the same name, e.g.
+            ``["business", get("hess_trace", curvature="ggn_mc")]``). Instruments
+            without their own schedule use ``schedule``.
         logdir: Run directory for the Parquet log (e.g. ``"runs/digits-sgd"``); None
             keeps results in memory only (see :meth:`latest`).
         schedule: Default schedule, ``step -> bool`` (see :mod:`cockpit.schedules`);

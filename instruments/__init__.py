@@ -100,21 +100,51 @@ def preset(name: str, schedule: Callable[[int], bool] | None = None) -> list[Ins
 def resolve_instruments(
     spec: str | Sequence[str | Instrument], default_schedule: Callable[[int], bool]
 ) -> list[Instrument]:
-    """Turn a preset name, names and/or instrument objects into instruments with schedules."""
-    if isinstance(spec, str):
-        items: list[str | Instrument] = list(preset(spec)) if spec in PRESETS else [spec]
-    else:
-        items = list(spec)
-    out: list[Instrument] = []
-    seen = set()
+    """Turn preset names, instrument names and/or objects into instruments with schedules.
+
+    A preset inside a list expands to its instruments; an instrument named or configured
+    explicitly replaces the preset's default one of the same name (wherever it appears
+    in the list), so ``["business", get("hess_trace", curvature="ggn_mc")]`` is the
+    business preset with the Monte-Carlo trace. Naming one instrument explicitly twice
+    is an error.
+
+    Example:
+        >>> from cockpit import schedules
+        >>> from instruments import get, resolve_instruments
+        >>> insts = resolve_instruments(
+        ...     ["business", get("hess_trace", curvature="ggn_mc"), "grad_hist_2d"],
+        ...     schedules.every(1),
+        ... )
+        >>> [i.name for i in insts][-4:], insts[-4].config()["curvature"]
+        (['hess_trace', 'batch_size', 'hyperparameters', 'grad_hist_2d'], 'ggn_mc')
+        >>> resolve_instruments(["loss", "loss"], schedules.every(1))
+        Traceback (most recent call last):
+        ...
+        ValueError: instrument 'loss' given twice
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    explicit: dict[str, Instrument] = {}
+    expanded: list[tuple[bool, Instrument]] = []  # (from a preset, instrument)
     for item in items:
+        if isinstance(item, str) and item in PRESETS:
+            expanded.extend((True, inst) for inst in preset(item))
+            continue
         inst = get(item) if isinstance(item, str) else item
         if not isinstance(inst, Instrument):
             raise TypeError(f"instruments must be names or Instrument objects, got {item!r}")
+        if inst.name in explicit:
+            raise ValueError(f"instrument {inst.name!r} given twice")
+        explicit[inst.name] = inst
+        expanded.append((False, inst))
+    out: list[Instrument] = []
+    seen: set[str] = set()
+    for from_preset, inst in expanded:
+        if from_preset and inst.name in explicit:
+            inst = explicit[inst.name]  # the explicit one takes the preset's place
+        if inst.name in seen:
+            continue  # in two presets, or explicit and already placed
         if inst.schedule is None:
             inst.schedule = default_schedule
-        if inst.name in seen:
-            raise ValueError(f"instrument {inst.name!r} given twice")
         seen.add(inst.name)
         out.append(inst)
     return out

@@ -232,6 +232,42 @@ def test_schedules_skip_steps_and_count_engine_passes(tmp_path):
     assert passes == [0, 1, 3, 4, 6]
 
 
+def test_a_preset_in_a_list_with_an_override_gathers_what_the_override_needs(tmp_path):
+    from cockpit.quantities import DiagGGN, DiagHessian
+    from instruments import PRESETS, get
+
+    model = models.mlp()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    mc_trace = get("hess_trace", curvature="ggn_mc")
+    insts = ["business", mc_trace, get("tic_diag", curvature="ggn_mc"), "grad_hist_2d"]
+    cockpit = Cockpit(model, loss_fn, opt, instruments=insts, logdir=tmp_path / "run")
+    names = [i.name for i in cockpit.instruments]
+    assert names == [*PRESETS["business"], "grad_hist_2d"]
+    assert cockpit.instruments[names.index("hess_trace")] is mc_trace
+    requested = []
+    original = cockpit.engine.gather
+
+    def recording(quantities, *a, **kw):
+        requested.append(set(quantities))
+        return original(quantities, *a, **kw)
+
+    cockpit.engine.gather = recording
+    for step in range(2):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        with cockpit.step(step, loss):
+            loss.backward()
+        opt.step()
+    cockpit.close()
+    assert DiagGGN(mc_samples=1) in requested[0]
+    assert not any(isinstance(q, DiagHessian) for q in requested[0])
+    assert not any(isinstance(q, DiagGGN) and q.mc_samples == 0 for q in requested[0])
+    with pytest.raises(ValueError, match="'loss' given twice"):
+        Cockpit(model, loss_fn, opt, instruments=["economy", "loss", "loss"])
+
+
 def test_step_must_increase_and_model_must_not_change():
     model = models.mlp()
     loss_fn = nn.CrossEntropyLoss()
