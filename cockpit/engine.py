@@ -647,9 +647,7 @@ class Engine:
         for q, v in values.items():
             armed.result.per_param.setdefault(q, {})[name] = v
         if armed.keep_factors:
-            drop_cache = getattr(factor, "drop_cache", None)
-            if drop_cache is not None:  # e.g. unfolded patches: rebuilt if ever needed
-                drop_cache()
+            factor.drop_cache()  # e.g. unfolded patches: rebuilt if ever needed
             armed.result.kept[name] = (factor, param.detach(), tensor_versions(factor))
 
     def _param_by_name(self, name: str) -> nn.Parameter:

@@ -310,6 +310,19 @@ class Factor:
         """
         return DenseFactor(self.to_dense()).reduce(requests, param, directions)
 
+    def drop_cache(self) -> None:
+        """Free what the factor can rebuild on demand (kept factors are slimmed with it).
+
+        The base factor caches nothing; e.g. :class:`cockpit.layers.conv.ConvFactor`
+        frees its unfolded patches here.
+
+        Example:
+            >>> import torch
+            >>> f = DenseFactor(torch.ones(2, 3))
+            >>> f.drop_cache(); f.to_dense().shape  # still complete afterwards
+            torch.Size([2, 3])
+        """
+
 
 class DenseFactor(Factor):
     """Materialized individual gradients ``[N, *P]``.

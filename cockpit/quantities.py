@@ -552,8 +552,9 @@ class Gathered:
             with torch.no_grad():
                 part = factor.reduce([q], param, {q.key: u})[q]
             total = part if total is None else total + part
-        if total is None:
-            return torch.zeros(self.batch_size, dtype=torch.float64)
+        if total is None:  # the direction is zero on every kept parameter
+            _, param, _ = next(iter(self.kept.values()))
+            return param.new_zeros(self.batch_size)
         return total
 
     def release(self) -> None:
