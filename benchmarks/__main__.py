@@ -14,6 +14,8 @@
   (:mod:`benchmarks.bench_presets`); writes ``presets.json`` / ``presets.md``.
 - ``scaling``: the economy preset (ours and Cockpit 1.0.2's) against batch size and MLP
   width (:mod:`benchmarks.bench_scaling`); writes ``scaling.json`` / ``scaling.md``.
+- ``readme``: re-render the README's benchmark tables from ``benchmarks/results``
+  (:mod:`benchmarks.readme`); every target that writes there does this at its end.
 - ``crosscheck``: the numerical cross-check against Cockpit 1.0.2
   (``benchmarks/test_crosscheck.py``, run with pytest; skips without ``.bench-venv``).
 
@@ -49,7 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         "target",
         nargs="?",
         default="engine",
-        choices=["engine", "reference", "all", "presets", "scaling", "crosscheck", "curvature"],
+        choices=[
+            "engine",
+            "reference",
+            "all",
+            "presets",
+            "scaling",
+            "crosscheck",
+            "curvature",
+            "readme",
+        ],
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: small N, few reps")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -64,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="scaling: comma-separated batch sizes (default 16..512)")
     parser.add_argument("--widths", help="scaling: comma-separated MLP widths (default 32..2048)")
     args = parser.parse_args(argv)
+
+    if args.target == "readme":
+        _sync_readme(args.out or RESULTS, always=True)
+        return 0
 
     if args.target == "crosscheck":
         import subprocess
@@ -140,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_curvature.run(opts, workloads, names, out)
         print("\n" + (out / "curvature.md").read_text())
         print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}")
+        _sync_readme(out)
         return 0
     for md in ("engine.md", "reference.md"):
         if args.target in ("presets", "scaling"):
@@ -147,7 +163,22 @@ def main(argv: list[str] | None = None) -> int:
         if (out / md).exists() and (args.target != "engine" or md == "engine.md"):
             print("\n" + (out / md).read_text())
     print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}")
+    _sync_readme(out)
     return 0
+
+
+def _sync_readme(out: Path, always: bool = False) -> None:
+    """Re-render the README's benchmark blocks from ``out`` (results written there).
+
+    Runs after a benchmark only when it wrote to ``benchmarks/results`` (never for
+    ``--quick`` or another ``--out``); ``python -m benchmarks readme`` always.
+    """
+    if not always and out.resolve() != RESULTS.resolve():
+        return
+    from benchmarks.readme import README, update_readme
+
+    changed = update_readme(README, out)
+    print(f"README: {'updated ' + ', '.join(changed) if changed else 'tables already current'}")
 
 
 if __name__ == "__main__":
