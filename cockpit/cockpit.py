@@ -104,7 +104,9 @@ class Cockpit:
             ``["business", get("hess_trace", curvature="ggn_mc")]``). Instruments
             without their own schedule use ``schedule``.
         logdir: Run directory for the Parquet log (e.g. ``"runs/digits-sgd"``); None
-            keeps results in memory only (see :meth:`latest`).
+            keeps results in memory only (see :meth:`latest`). An existing run
+            directory is continued (resuming): its first step must come after the last
+            one it holds, else :meth:`step` raises instead of mixing two runs.
         schedule: Default schedule, ``step -> bool`` (see :mod:`cockpit.schedules`);
             default every step.
         tags: User tags stored in the run metadata.
@@ -206,6 +208,11 @@ class Cockpit:
             from cockpit.logwriter import LogWriter
 
             self.writer = LogWriter(logdir, self._metadata(tags or {}), **(log_options or {}))
+        self._resumed_after: int | None = None  # last step an existing run dir already holds
+        if self.writer is not None:
+            from cockpit.logreader import last_step
+
+            self._resumed_after = last_step(self.writer.run_dir)
 
     # ---------------------------------------------------------------- helpers
     def _trainable(self) -> dict[str, nn.Parameter]:
@@ -329,6 +336,14 @@ class Cockpit:
         if isinstance(step, bool) or int(step) != step:
             raise TypeError(f"step must be an integer, got {step!r}")
         step = int(step)
+        if self._last_step is None and self._resumed_after is not None:
+            if step <= self._resumed_after:
+                raise ValueError(
+                    f"step {step}: the run directory {self.writer.run_dir} already holds steps "
+                    f"up to {self._resumed_after} of an earlier run; continue it with a step "
+                    f"after {self._resumed_after} (resuming), or pass a new logdir (or delete "
+                    "that directory) to start a fresh run"
+                )
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(
                 f"step {step} does not increase (last tracked call was step {self._last_step}); "

@@ -39,6 +39,7 @@ from cockpit.schema import (
 
 __all__ = [
     "LogTail",
+    "last_step",
     "list_runs",
     "read_events",
     "read_histograms",
@@ -437,6 +438,43 @@ def read_events(run_dir: str | os.PathLike) -> pd.DataFrame:
     if table.num_rows > 1:
         table = table.take(pc.sort_indices(table, sort_keys=[("wall_time", "ascending")]))
     return table.to_pandas()
+
+
+def last_step(run_dir: str | os.PathLike) -> int | None:
+    """The highest step a run has on disk (scalars and histograms), or None if none.
+
+    Reads only the ``step`` column of each table's newest segment file (steps grow
+    with segment numbers), so it is quick on long runs. The Cockpit uses it to refuse
+    steps that an existing run directory already holds.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cockpit.logwriter import LogWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> run = Path(tmp.name) / "run"
+        >>> with LogWriter(run) as writer:
+        ...     for step in (0, 5, 9):
+        ...         writer.add_scalar(step, "loss", "loss", "all", 1.0)
+        >>> last_step(run), last_step(Path(tmp.name) / "empty")
+        (9, None)
+        >>> tmp.cleanup()
+    """
+    run_dir = Path(run_dir)
+    best: int | None = None
+    for table_name in ("scalars", "histograms"):
+        segments = sorted(schema.list_segments(run_dir / table_name), key=lambda s: s.hi)
+        for seg in reversed(segments):  # the newest readable one
+            try:
+                steps = pq.read_table(seg.path, columns=["step"]).column("step")
+            except (OSError, pa.ArrowException) as exc:
+                _warn_unreadable(seg.path, exc)
+                continue
+            if len(steps):
+                top = int(pc.max(steps).as_py())
+                best = top if best is None else max(best, top)
+                break
+    return best
 
 
 def run_status(run_dir: str | os.PathLike) -> str:

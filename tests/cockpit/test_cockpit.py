@@ -268,6 +268,33 @@ def test_a_preset_in_a_list_with_an_override_gathers_what_the_override_needs(tmp
         Cockpit(model, loss_fn, opt, instruments=["economy", "loss", "loss"])
 
 
+def test_a_second_run_into_the_same_logdir_must_continue_after_its_steps(tmp_path):
+    from cockpit.logreader import read_log
+
+    run = tmp_path / "run"
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+
+    def train(steps):
+        torch.manual_seed(0)
+        model = models.mlp()
+        loss_fn = nn.CrossEntropyLoss()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Cockpit(model, loss_fn, opt, instruments=["loss"], logdir=run) as cockpit:
+            for step in steps:
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                with cockpit.step(step, loss):
+                    loss.backward()
+                opt.step()
+
+    train(range(3))
+    with pytest.raises(ValueError, match=r"already holds steps up to 2 .* new logdir"):
+        train(range(3))  # the same script again: never two runs mixed in one log
+    train(range(3, 5))  # resuming after step 2 continues the run
+    steps = read_log(run).query("instrument == 'loss'").step.tolist()
+    assert steps == [0, 1, 2, 3, 4]
+
+
 def test_step_must_increase_and_model_must_not_change():
     model = models.mlp()
     loss_fn = nn.CrossEntropyLoss()
