@@ -480,12 +480,19 @@ def _meta_lines(suite: dict, what: str) -> list[str]:
     )
     if versions:
         extra = f"; `.bench-venv`: {versions}"
-    return [
+    lines = [
         f"- {what}: {m.get('date')}, {m.get('cpu_model', '?')}, {m.get('cpu_count')} CPUs, "
         f"`torch.set_num_threads({m.get('num_threads')})`, torch {m.get('torch')}, device "
         f"{m.get('device')}" + (f" ({m['gpu']})" if m.get("gpu") else "") + f"; load average "
         f"{_load(m.get('loadavg_start'))} at start, {_load(m.get('loadavg_end'))} at end{extra}"
     ]
+    for p in suite.get("partial_runs") or ():  # later runs merged in (--configs/--workloads)
+        code = f", code: commit {p['git_commit']}" if p.get("git_commit") else ""
+        lines.append(
+            f"  - merged later: {p.get('date')}, load average {_load(p.get('loadavg_start'))} "
+            f"at start, {_load(p.get('loadavg_end'))} at end{code}"
+        )
+    return lines
 
 
 def _check(value: float | None, limit: float) -> str:
