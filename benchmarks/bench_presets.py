@@ -6,7 +6,9 @@ Configurations (:data:`CONFIGS`):
   runs it, :class:`cockpit.Cockpit` with ``instruments=<preset>``, every step tracked,
   and a **temporary logdir**, so the Parquet log writer (and its background thread) is
   part of the measured step. ``ours_<preset>_nolog`` (``logdir=None``) isolates the
-  writer's share; not run by default.
+  writer's share; not run by default. ``ours_business_mc``: the business preset with
+  the Monte-Carlo diagonal GGN for ``hess_trace`` and ``tic_diag`` (the cheap
+  alternative to the exact diagonal Hessian that matches Cockpit's numbers).
 - ``ref_<preset>``: Cockpit 1.0.2 with ``quantities=configuration(<preset>)`` and its
   documented loop (BackPACK-``extend``-ed model and loss, individual losses computed
   by a second ``reduction="none"`` loss call, ``info=...``,
@@ -145,8 +147,12 @@ def resolve_workload(key: str) -> Workload:
 
 
 # ------------------------------------------------------------ configurations
-def ours_preset(preset: str, logdir: bool = True) -> Config:
-    """Our :class:`cockpit.Cockpit` with ``instruments=preset``, every step tracked."""
+def ours_preset(preset: str, logdir: bool = True, mc: bool = False) -> Config:
+    """Our :class:`cockpit.Cockpit` with ``instruments=preset``, every step tracked.
+
+    ``mc``: the preset with the Monte-Carlo diagonal GGN (one sample) for ``hess_trace``
+    and ``tic_diag`` instead of the exact diagonal Hessian (``ours_<preset>_mc``).
+    """
 
     def setup(ctx: Context) -> StepFn:
         from cockpit import Cockpit
@@ -157,7 +163,13 @@ def ours_preset(preset: str, logdir: bool = True) -> Config:
             tmp = tempfile.mkdtemp(prefix="cockpit-bench-log-")
             atexit.register(shutil.rmtree, tmp, True)
             run_dir = Path(tmp) / "run"
-        cp = Cockpit(ctx.model, ctx.loss_fn, opt, instruments=preset, logdir=run_dir)
+        instruments: object = preset
+        if mc:
+            from instruments import get
+
+            curvature = dict(curvature="ggn_mc")
+            instruments = [preset, get("hess_trace", **curvature), get("tic_diag", **curvature)]
+        cp = Cockpit(ctx.model, ctx.loss_fn, opt, instruments=instruments, logdir=run_dir)
         atexit.register(cp.close)  # runs before the rmtree (LIFO)
         counter = itertools.count()
 
@@ -171,12 +183,15 @@ def ours_preset(preset: str, logdir: bool = True) -> Config:
         return step
 
     where = "temporary logdir (Parquet writer included)" if logdir else "logdir=None"
+    spec = repr(preset)
+    if mc:
+        spec = f"[{preset!r}, get('hess_trace', curvature='ggn_mc'), get('tic_diag', ...)]"
     return Config(
-        f"ours_{preset}" + ("" if logdir else "_nolog"),
-        f"ours {preset}" + ("" if logdir else " (logdir=None)"),
+        f"ours_{preset}" + ("_mc" if mc else "") + ("" if logdir else "_nolog"),
+        f"ours {preset}" + (", MC curvature" if mc else "") + ("" if logdir else " (logdir=None)"),
         setup,
         "ours",
-        f"Cockpit(instruments={preset!r}), {where}, every step tracked.",
+        f"Cockpit(instruments={spec}), {where}, every step tracked.",
     )
 
 
@@ -225,6 +240,7 @@ CONFIGS: dict[str, Config] = {
     for c in (
         *(ours_preset(p) for p in PRESETS),
         *(ours_preset(p, logdir=False) for p in PRESETS),
+        ours_preset("business", mc=True),
         *(reference_config(f"ref_{p}", f"Cockpit 1.0.2 {p}", p) for p in PRESETS),
         *(
             reference_config(f"ref_{ours}", f"Cockpit 1.0.2 {q} alone", None, q)
@@ -235,12 +251,13 @@ CONFIGS: dict[str, Config] = {
 #: What ``python -m benchmarks presets`` runs without ``--configs``.
 DEFAULT = [
     *(f"ours_{p}" for p in PRESETS),
+    "ours_business_mc",
     *(f"ref_{p}" for p in PRESETS),
     *(f"ref_{i}" for i in REFERENCE_INSTRUMENTS.values()),
 ]
 #: ``--quick`` without ``--configs``: the presets and two instruments alone (a smoke
 #: test of every kind of configuration; the others with ``--quick --configs ...``).
-QUICK_DEFAULT = [*DEFAULT[:6], "ref_alpha", "ref_hess_trace"]
+QUICK_DEFAULT = [*DEFAULT[:7], "ref_alpha", "ref_hess_trace"]
 
 
 # ---------------------------------------------------------------------- worker
@@ -565,8 +582,9 @@ def render_markdown(result: dict) -> str:
             + " | ".join(fmt_ratio(e) if e else "—" for e in r)
             + f" | {prior} | {'; '.join(targets)} |"
         )
-    nolog = [n for n in (ours.get("configs") or {}) if n.endswith("_nolog")]
-    for name in nolog:
+    main_rows = {f"ours_{p}" for p in PRESETS}
+    variants = [n for n in (ours.get("configs") or {}) if n not in main_rows]
+    for name in variants:  # _nolog (writer off), _mc (Monte-Carlo curvature)
         cells = [fmt_ratio(entry(ours, name, w)) if entry(ours, name, w) else "—" for w in ws]
         label = ours["configs"][name]["label"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |" + " |" * len(ws) + " | |")
@@ -606,6 +624,10 @@ def render_markdown(result: dict) -> str:
             + " | ".join(mem_cell(entry(ref, f"ref_{p}", w)) for w in ws)
             + f" | {target} |"
         )
+    for name in variants:
+        label = ours["configs"][name]["label"]
+        cells = [mem_cell(entry(ours, name, w)) for w in ws]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |" + " |" * len(ws) + " |")
     alone = [
         f"ref_{i}"
         for i in REFERENCE_INSTRUMENTS.values()
