@@ -207,6 +207,16 @@ def test_every_instrument_matches_its_formula(arch, opt, tmp_path):
         np.testing.assert_array_equal(h2.loc["all", "edges_0"], np.linspace(-1, 1, 41))
 
 
+def _train(cockpit, model, loss_fn, opt, x, y, steps) -> None:
+    """A plain training loop over one batch with every step passed to the cockpit."""
+    for step in steps:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        with cockpit.step(step, loss):
+            loss.backward()
+        opt.step()
+
+
 def test_schedules_skip_steps_and_count_engine_passes(tmp_path):
     model = models.mlp()
     loss_fn = nn.CrossEntropyLoss()
@@ -221,12 +231,7 @@ def test_schedules_skip_steps_and_count_engine_passes(tmp_path):
         return original(*a, **kw)
 
     cockpit.engine.gather = counting
-    for step in range(7):
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        with cockpit.step(step, loss):
-            loss.backward()
-        opt.step()
+    _train(cockpit, model, loss_fn, opt, x, y, range(7))
     cockpit.close()
     # tracked: 0, 3, 6; alpha's end points: 1, 4 (step 7 never came)
     assert passes == [0, 1, 3, 4, 6]
@@ -254,12 +259,7 @@ def test_a_preset_in_a_list_with_an_override_gathers_what_the_override_needs(tmp
         return original(quantities, *a, **kw)
 
     cockpit.engine.gather = recording
-    for step in range(2):
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        with cockpit.step(step, loss):
-            loss.backward()
-        opt.step()
+    _train(cockpit, model, loss_fn, opt, x, y, range(2))
     cockpit.close()
     assert DiagGGN(mc_samples=1) in requested[0]
     assert not any(isinstance(q, DiagHessian) for q in requested[0])
@@ -280,12 +280,7 @@ def test_a_second_run_into_the_same_logdir_must_continue_after_its_steps(tmp_pat
         loss_fn = nn.CrossEntropyLoss()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with Cockpit(model, loss_fn, opt, instruments=["loss"], logdir=run) as cockpit:
-            for step in steps:
-                opt.zero_grad()
-                loss = loss_fn(model(x), y)
-                with cockpit.step(step, loss):
-                    loss.backward()
-                opt.step()
+            _train(cockpit, model, loss_fn, opt, x, y, steps)
 
     train(range(3))
     with pytest.raises(ValueError, match=r"already holds steps up to 2 .* new logdir"):
