@@ -72,6 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     parser.add_argument("--mem-cap-gib", type=float, help="per-process memory cap (default 8)")
     parser.add_argument("--out", type=Path, help="results directory")
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="time everything in one process per suite (GPU leases: CUDA start-up costs "
+        "seconds per process); memory only on CUDA, in one more process",
+    )
+    parser.add_argument(
+        "--min-block-s", type=float, help="target duration of one timed plain block (default 0.5)"
+    )
+    parser.add_argument(
+        "--max-block-s", type=float, help="cap on one configuration's timed block (default 5)"
+    )
     parser.add_argument("--sizes", help="scaling: comma-separated batch sizes (default 16..512)")
     parser.add_argument("--widths", help="scaling: comma-separated MLP widths (default 32..2048)")
     args = parser.parse_args(argv)
@@ -98,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         reps=args.reps,
         mem_cap_gib=args.mem_cap_gib,
         memory=False if args.no_memory else None,
+        one_process=args.one_process or None,
+        min_block_s=args.min_block_s,
+        max_block_s=args.max_block_s,
     )
     default_workloads = ["A", "B"] if args.target == "scaling" else list(WORKLOADS)
     workloads = _csv(args.workloads) or default_workloads

@@ -46,6 +46,7 @@ from benchmarks.harness import (
     Options,
     StepFn,
     fmt_ratio,
+    plain_mem_text,
     run_suite,
     worker_cli,
 )
@@ -546,7 +547,7 @@ def _plain_row(label: str, plain: dict, ws: list[str]) -> str:
     return (
         f"| {label} | "
         + " | ".join(
-            f"{plain[w]['step_rss_mib']:.0f} MiB (peak {plain[w]['peak_rss_mib']:.0f})"
+            plain_mem_text(plain[w])
             if plain.get(w, {}).get("status") == "ok"
             else plain.get(w, {}).get("status", "—")
             for w in ws
@@ -588,7 +589,8 @@ def _memory_section(data: dict, ws: list[str], mem_cell: Callable) -> list[str]:
             parts = []
             for w in ws_t:
                 mem = (_entry(data, name, w) or {}).get("memory") or {}
-                ok = mem.get("peak_rss_mib") <= limit if mem.get("status") == "ok" else None
+                has = mem.get("status") == "ok" and "peak_rss_mib" in mem
+                ok = mem["peak_rss_mib"] <= limit if has else None
                 peak = f" ({mem['peak_rss_mib']:.0f} MiB)" if ok is not None else ""
                 parts.append(_mark(ok) + peak)
             target = f"peak ≤{limit / 1024:g} GiB on {','.join(ws_t)}: " + " ".join(parts)

@@ -31,6 +31,7 @@ from benchmarks.harness import (
     Options,
     StepFn,
     fmt_ratio,
+    plain_mem_text,
     run_suite,
     worker_cli,
 )
@@ -410,6 +411,11 @@ def _mem_cell(entry: dict | None) -> str:
         return "—"
     if mem.get("status") != "ok":
         return mem["status"]
+    if "step_rss_mib" not in mem:  # one-process CUDA run: no RSS
+        text = f"CUDA {mem.get('cuda_step_mib', float('nan')):.0f} MiB"
+        if "cuda_mem_ratio" in entry:
+            text += f" ({entry['cuda_mem_ratio']:.2f}x)"
+        return text
     text = f"{mem['step_rss_mib']:.0f} MiB"
     if "mem_ratio" in entry:
         text += f" ({entry['mem_ratio']:.2f}x, {entry['rss_growth_mib']:+.0f})"
@@ -434,7 +440,7 @@ def _memory_section(suite: dict, ws: list[str]) -> list[str]:
         "|---|" + "---:|" * len(ws) + "---|",
         "| plain step | "
         + " | ".join(
-            f"{plain[w]['step_rss_mib']:.0f} MiB (peak {plain[w]['peak_rss_mib']:.0f})"
+            plain_mem_text(plain[w])
             if plain.get(w, {}).get("status") == "ok"
             else plain.get(w, {}).get("status", "—")
             for w in ws

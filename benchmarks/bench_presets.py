@@ -64,6 +64,7 @@ from benchmarks.harness import (
     Options,
     StepFn,
     fmt_ratio,
+    plain_mem_text,
     run_suite,
 )
 from benchmarks.workloads import WORKLOADS, Workload
@@ -467,6 +468,8 @@ def mem_cell(e: dict | None) -> str:
         return "—"
     if mem.get("status") != "ok":
         return _status(mem)
+    if "step_rss_mib" not in mem:  # one-process CUDA run: no RSS
+        return f"CUDA {mem.get('cuda_step_mib', float('nan')):.0f} MiB"
     text = f"{mem['step_rss_mib']:.0f} MiB"
     if "mem_ratio" in e:
         text += f" ({e['mem_ratio']:.2f}x"
@@ -656,7 +659,9 @@ def _ratio(e: dict | None) -> float | None:
 
 def _peak_gib(e: dict | None) -> float | None:
     mem = (e or {}).get("memory") or {}
-    return mem["peak_rss_mib"] / 1024 if mem.get("status") == "ok" else None
+    return (
+        mem["peak_rss_mib"] / 1024 if mem.get("status") == "ok" and "peak_rss_mib" in mem else None
+    )
 
 
 def _plain_mem(suite: dict, w: str) -> str:
@@ -665,7 +670,7 @@ def _plain_mem(suite: dict, w: str) -> str:
         return "—"
     if m.get("status") != "ok":
         return _status(m)
-    return f"{m['step_rss_mib']:.0f} MiB (peak {m['peak_rss_mib'] / 1024:.2f} GiB)"
+    return plain_mem_text(m, gib=True)
 
 
 def _n(ours: dict, ref: dict, w: str, quick: bool = False) -> int:

@@ -63,6 +63,7 @@ __all__ = [
     "worker_main",
     "run_suite",
     "fmt_ratio",
+    "plain_mem_text",
 ]
 
 NUM_THREADS = 2
@@ -160,6 +161,11 @@ class Options:
         memory: Whether to run the memory measurements.
         memory_workloads: Restrict memory runs to these workloads (``None``: all).
         memory_configs: Restrict memory runs to these configurations (``None``: all).
+        one_process: Time every configuration in one process per suite (and, on CUDA,
+            measure memory in one more), instead of a process per measurement. For a
+            GPU machine on a short lease, where each process spends seconds starting
+            CUDA; CUDA peak memory is reset per measurement and stays valid, while the
+            CPU's peak RSS would not, so on the CPU this mode measures no memory.
     """
 
     quick: bool = False
@@ -174,6 +180,7 @@ class Options:
     memory: bool = True
     memory_workloads: list[str] | None = None
     memory_configs: list[str] | None = None
+    one_process: bool = False
 
     @classmethod
     def for_mode(cls, quick: bool, **overrides) -> Options:
@@ -300,6 +307,8 @@ def memory_config(config: Config, workload: Workload, opts: Options) -> dict:
         "base_rss_mib": rss0 / 1024,
         "step_rss_mib": max(0, peak - rss0) / 1024,
     }
+    if opts.one_process:  # the process's peak RSS holds earlier measurements: not this one's
+        out = {k: v for k, v in out.items() if "rss" not in k}
     if cuda:
         top = torch.cuda.max_memory_allocated()
         out["cuda_peak_mib"] = top / 2**20
@@ -452,8 +461,9 @@ def _with_memory(entry: dict, mem: dict | None, plain_mem: dict | None) -> dict:
     entry = dict(entry)
     entry["memory"] = mem
     if mem.get("status") == "ok" and plain_mem and plain_mem.get("status") == "ok":
-        entry["rss_growth_mib"] = mem["peak_rss_mib"] - plain_mem["peak_rss_mib"]
-        if plain_mem["step_rss_mib"] > 0:
+        if "peak_rss_mib" in mem and "peak_rss_mib" in plain_mem:
+            entry["rss_growth_mib"] = mem["peak_rss_mib"] - plain_mem["peak_rss_mib"]
+        if plain_mem.get("step_rss_mib", 0) > 0 and "step_rss_mib" in mem:
             entry["mem_ratio"] = mem["step_rss_mib"] / plain_mem["step_rss_mib"]
         if "cuda_step_mib" in mem and plain_mem.get("cuda_step_mib"):
             entry["cuda_mem_ratio"] = mem["cuda_step_mib"] / plain_mem["cuda_step_mib"]
@@ -475,7 +485,8 @@ def run_suite(
     Each (configuration, workload) is timed in its own process, and each memory
     measurement gets a fresh one. In quick mode (a smoke test) one process times
     everything, since start-up costs seconds per process, and memory is measured
-    only for ``opts.memory_configs``.
+    only for ``opts.memory_configs``. With ``opts.one_process`` one process times
+    everything and, on CUDA, one more measures every configuration's CUDA memory.
     """
     configs = list(configs)
     suite = Suite(meta={**machine_info(opts.device), **(meta or {}), "options": vars(opts)})
@@ -488,18 +499,29 @@ def run_suite(
         spec = {"mode": mode, "configs": names, "workloads": keys, "options": spec_opts}
         return launcher.run(spec, opts.timeout_s * len(names) * len(keys))
 
+    def wanted(name: str) -> bool:
+        return opts.memory and (opts.memory_configs is None or name in opts.memory_configs)
+
+    shared = opts.quick or opts.one_process
+    shared_memory: dict[str, dict[str, dict]] = {}
+    if opts.one_process and opts.memory and opts.device.startswith("cuda"):
+        names = [n for n in dict.fromkeys([PLAIN.name, *(c.name for c in configs)]) if wanted(n)]
+        shared_memory = launch("memory", names, mem_keys)
+
     def memory(name: str) -> dict[str, dict]:
-        if not opts.memory or (opts.memory_configs is not None and name not in opts.memory_configs):
+        if not wanted(name) or (opts.one_process and not shared_memory):
             return {}
+        if shared_memory:
+            return shared_memory.get(name, {})
         return {w: launch("memory", [name], [w])[name][w] for w in mem_keys}
 
     if opts.memory:
         suite.plain_memory = memory(PLAIN.name)
         log(f"  memory of the plain step: {_fmt_mem(suite.plain_memory)}")
-    batch = launch("time", [c.name for c in configs], workloads) if opts.quick else {}
+    batch = launch("time", [c.name for c in configs], workloads) if shared else {}
     for config in configs:
         t0 = time.perf_counter()
-        if opts.quick:
+        if shared:
             timing = batch[config.name]
         else:
             timing = {w: launch("time", [config.name], [w])[config.name][w] for w in workloads}
@@ -521,10 +543,25 @@ def run_suite(
 
 
 def _fmt_mem(mem: dict[str, dict]) -> str:
-    return ", ".join(
-        f"{w}: {m['step_rss_mib']:.0f} MiB" if m.get("status") == "ok" else f"{w}: {m['status']}"
-        for w, m in mem.items()
-    )
+    def one(m: dict) -> str:
+        if m.get("status") != "ok":
+            return m.get("status", "?")
+        rss = f"{m['step_rss_mib']:.0f} MiB" if "step_rss_mib" in m else ""
+        gpu = f"CUDA {m['cuda_step_mib']:.0f} MiB" if "cuda_step_mib" in m else ""
+        return ", ".join(t for t in (rss, gpu) if t)
+
+    return ", ".join(f"{w}: {one(m)}" for w, m in mem.items())
+
+
+def plain_mem_text(m: dict, gib: bool = False) -> str:
+    """A plain step's memory: ``"12 MiB (peak 345)"``, or its CUDA figure when RSS is absent.
+
+    In ``one_process`` mode (CUDA) a measurement carries no RSS (see :class:`Options`).
+    """
+    if "step_rss_mib" not in m:
+        return f"CUDA {m.get('cuda_step_mib', float('nan')):.0f} MiB"
+    peak = f"{m['peak_rss_mib'] / 1024:.2f} GiB" if gib else f"{m['peak_rss_mib']:.0f}"
+    return f"{m['step_rss_mib']:.0f} MiB (peak {peak})"
 
 
 def fmt_ratio(entry: dict | None, spread: bool = True) -> str:

@@ -32,6 +32,14 @@ Usage::
 
     .venv/bin/python -m benchmarks.reference_env            # build if missing, then check
     .venv/bin/python -m benchmarks.reference_env --rebuild  # from scratch
+
+On a machine where no environment can be built (a GPU machine without a package
+registry, whose own interpreter has a CUDA torch), the reference packages can be put on
+a path of their own and named instead: ``COCKPIT_BENCH_REF_PYTHON`` (the interpreter,
+e.g. ``python3``) and ``COCKPIT_BENCH_REF_PATH`` (``PYTHONPATH`` for the workers, holding
+backpack, unfoldNd, opacus, cockpit-for-pytorch and json_tricks, never this repository).
+Then nothing is built, and the check records that interpreter's torch instead of
+requiring the pinned CPU build.
 """
 
 from __future__ import annotations
@@ -79,14 +87,31 @@ IMPORTS = {
 }
 
 
+#: Override: the reference workers' interpreter and their ``PYTHONPATH`` (module docstring).
+PYTHON_ENV, PATH_ENV = "COCKPIT_BENCH_REF_PYTHON", "COCKPIT_BENCH_REF_PATH"
+
+
+def overridden() -> bool:
+    """Whether the reference interpreter is named by ``COCKPIT_BENCH_REF_PYTHON``."""
+    return bool(os.environ.get(PYTHON_ENV))
+
+
 def python() -> Path:
     """The reference environment's interpreter (it may not exist yet)."""
+    if overridden():
+        found = shutil.which(os.environ[PYTHON_ENV])
+        return Path(found or os.environ[PYTHON_ENV])
     return VENV / "bin" / "python"
 
 
 def clean_env() -> dict[str, str]:
-    """Environment for reference subprocesses: no PYTHONPATH, no user site, 2 threads."""
+    """Environment for reference subprocesses: no PYTHONPATH, no user site, 2 threads.
+
+    With the override, ``PYTHONPATH`` is ``COCKPIT_BENCH_REF_PATH`` and nothing else.
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    if overridden() and os.environ.get(PATH_ENV):
+        env["PYTHONPATH"] = os.environ[PATH_ENV]
     env["PYTHONNOUSERSITE"] = "1"
     env.setdefault("OMP_NUM_THREADS", "2")
     env.setdefault("MKL_NUM_THREADS", "2")
@@ -165,7 +190,9 @@ def check() -> dict:
     if cockpit_file and Path(cockpit_file).resolve().is_relative_to(ROOT / "cockpit"):
         raise RuntimeError(f"reference 'cockpit' resolves to this repository: {cockpit_file}")
     version = info.get("torch", {}).get("version", "")
-    if not version.startswith(TORCH_VERSION) or "cu" in version.split("+")[-1]:
+    if overridden():
+        info["override"] = {"python": str(python()), "path": os.environ.get(PATH_ENV, "")}
+    elif not version.startswith(TORCH_VERSION) or "cu" in version.split("+")[-1]:
         raise RuntimeError(f".bench-venv has torch {version!r}, expected {TORCH_VERSION}+cpu")
     info["ok"] = all("error" not in info[k] for k in IMPORTS)
     return info
@@ -174,7 +201,7 @@ def check() -> dict:
 def ensure(log=print) -> dict:
     """Build the environment unless every reference package already imports; then check."""
     info = check()
-    if not info.get("ok"):
+    if not info.get("ok") and not overridden():
         build(log=log)
         info = check()
     return info

@@ -62,7 +62,10 @@ class HessMaxEV(Instrument):
     def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
         op = ctx.engine.hessian_operator()
         v0 = self._v0 if self._v0 is not None and self._v0.shape[0] == op.shape[0] else None
-        res = lanczos(op, k=1, tol=self.tol, max_iter=self.max_iter, v0=v0)
+        # the engine's generator, never torch's global one: drawing from that would change
+        # the user's dropout masks and data order
+        gen = ctx.engine.generator(op.device)
+        res = lanczos(op, k=1, tol=self.tol, max_iter=self.max_iter, v0=v0, generator=gen)
         self._v0 = res.eigenvectors[:, 0].detach()
         return [
             Scalar(ctx.step, self.name, self.name, "all", float(res.eigenvalues[0])),

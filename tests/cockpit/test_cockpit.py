@@ -268,6 +268,29 @@ def test_a_preset_in_a_list_with_an_override_gathers_what_the_override_needs(tmp
         Cockpit(model, loss_fn, opt, instruments=["economy", "loss", "loss"])
 
 
+@pytest.mark.parametrize("preset", ["full", ["business", "hess_max_ev", "grad_hist_2d"]])
+def test_the_cockpit_never_draws_from_the_global_random_generator(tmp_path, preset):
+    """Tracked steps leave torch's global RNG where a plain step leaves it.
+
+    Otherwise attaching a cockpit would change the user's dropout masks and data order.
+    Lanczos' start vector and restarts, Hutchinson probes and Monte-Carlo targets all draw
+    from the engine's own generators.
+    """
+    from instruments import get
+
+    model = models.mlp()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    insts = preset if isinstance(preset, str) else [*preset, get("hess_trace", curvature="ggn_mc")]
+    with Cockpit(model, loss_fn, opt, instruments=insts, logdir=tmp_path / "run") as cockpit:
+        torch.manual_seed(11)
+        _train(cockpit, model, loss_fn, opt, x, y, range(3))
+        after = torch.get_rng_state()
+    torch.manual_seed(11)
+    assert torch.equal(after, torch.get_rng_state()), "a tracked step drew from the global RNG"
+
+
 def test_a_second_run_into_the_same_logdir_must_continue_after_its_steps(tmp_path):
     from cockpit.logreader import read_log
 
