@@ -14,7 +14,7 @@
 set -u
 out=${1:?usage: bash benchmarks/cuda_run.sh OUT_DIR}
 py=${PYTHON:-python3}
-res="$out/res"
+res=${CUDA_RES_DIR:-$out/res}
 mkdir -p "$res"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 pack() { tar czf "$out/cuda.tgz" -C "$res" . ; }
