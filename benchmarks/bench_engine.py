@@ -13,6 +13,7 @@ measurement process.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -230,6 +231,9 @@ def source_snapshot(use_head: bool = True) -> Iterator[tuple[Path, dict]]:
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     commit = git("rev-parse", "--short", "HEAD") or None
+    # COCKPIT_BENCH_SOURCE=worktree: measure the files as they are (a copied tree whose
+    # .git may not match them, e.g. on a lent GPU machine)
+    use_head = use_head and os.environ.get("COCKPIT_BENCH_SOURCE") != "worktree"
     if use_head and commit:
         with tempfile.TemporaryDirectory(prefix="cockpit-bench-src-") as tmp:
             tar = Path(tmp) / "src.tar"

@@ -16,7 +16,7 @@ out=${1:?usage: bash benchmarks/cuda_run.sh OUT_DIR}
 py=${PYTHON:-python3}
 res=${CUDA_RES_DIR:-$out/res}
 mkdir -p "$res"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COCKPIT_BENCH_SOURCE=worktree
 pack() { tar czf "$out/cuda.tgz" -C "$res" . ; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$res/gpu.txt" 2>&1
 "$py" -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())' >>"$res/gpu.txt" 2>&1
@@ -25,8 +25,8 @@ timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/cockpit/test_cuda.py 2>
 pack
 common=(--device cuda --one-process --workloads B --min-block-s 0.1 --max-block-s 1 --out "$res")
 timeout 160 "$py" -m benchmarks presets "${common[@]}" \
-  --configs ours_economy,ours_business,ours_business_mc,ours_full,ref_economy,ref_business,ref_full \
+  --configs "${PRESETS:-ours_economy,ours_business,ours_business_mc,ours_full,ref_economy,ref_business,ref_full}" \
   >"$res/presets.log" 2>&1; echo "presets rc=$?"; pack
-timeout 150 "$py" -m benchmarks all "${common[@]}" >"$res/engine.log" 2>&1; echo "engine rc=$?"; pack
-timeout 110 "$py" -m benchmarks curvature "${common[@]}" >"$res/curvature.log" 2>&1; echo "curvature rc=$?"; pack
+timeout 150 "$py" -m benchmarks "${ENGINE_TARGET:-all}" "${common[@]}" >"$res/engine.log" 2>&1; echo "engine rc=$?"; pack
+timeout 110 "$py" -m benchmarks curvature "${common[@]}" ${CURVATURE:+--configs "$CURVATURE"} >"$res/curvature.log" 2>&1; echo "curvature rc=$?"; pack
 grep -h "x (" "$res"/*.log | head -60
