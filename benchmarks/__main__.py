@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.target == "readme":
+        from benchmarks import bench_cuda
+
+        bench_cuda.write_markdown(  # the CUDA table also shows the CPU ratios beside it
+            (args.out or RESULTS) / "cuda", (args.out or RESULTS) / "cuda.md"
+        )
         _sync_readme(args.out or RESULTS, always=True)
         return 0
 

@@ -33,6 +33,7 @@ BLOCKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "presets": ("presets.md", ("Time", "Memory", "Cockpit 1.0.2: each instrument alone")),
     "curvature": ("curvature.md", ("Time", "Memory", "Lanczos")),
     "scaling": ("scaling.md", ("Batch size", "Width")),
+    "cuda": ("cuda.md", ("B on CUDA",)),
 }
 
 _BLOCK = re.compile(
