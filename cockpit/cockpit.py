@@ -46,7 +46,8 @@ from instruments.base import (
     Scalar,
     StepContext,
     Update,
-    squared_norm,
+    differences,
+    squared_norms,
 )
 
 __all__ = ["Cockpit", "NonFiniteError"]
@@ -444,8 +445,8 @@ class Cockpit:
         self._awaiting = None
         try:
             params = self._trainable()
-            delta = {k: params[k].detach() - before[k] for k in before}
-            total = math.sqrt(sum(squared_norm(d) for d in delta.values()))
+            delta = differences(params, before)
+            total = math.sqrt(sum(squared_norms(delta).values()))
             call = getattr(ctx, "_call", None)
             if call is not None:
                 ctx._directional = lambda u: self._directional_derivatives(

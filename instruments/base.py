@@ -13,7 +13,7 @@ Instruments never import Dash or Plotly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -426,6 +426,74 @@ def squared_norm(t: Tensor) -> float:
     return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
 
 
+def host_floats(values: Sequence[Tensor]) -> list[float]:
+    """Python floats of scalar tensors, one device→host copy per device.
+
+    ``float(t)`` per tensor waits for a GPU once per value; an instrument that reports
+    one number per parameter tensor would stall the device dozens of times a step.
+    Values are converted to float64 on their device first.
+
+    Example:
+        >>> import torch
+        >>> host_floats([torch.tensor(1.5), torch.tensor([2.0]), torch.tensor(3)])
+        [1.5, 2.0, 3.0]
+    """
+    groups: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v.device, []).append(i)
+    out = [0.0] * len(values)
+    with torch.no_grad():
+        for idx in groups.values():
+            parts = [values[i] if values[i].dim() == 0 else values[i].reshape(()) for i in idx]
+            stacked = torch.stack(parts).to(torch.float64)  # stack promotes mixed dtypes
+            for i, v in zip(idx, stacked.tolist(), strict=True):
+                out[i] = v
+    return out
+
+
+def squared_norms(tensors: dict[str, Tensor]) -> dict[str, float]:
+    """``{name: ‖t‖²}`` in float64, one fused norm kernel and one host copy per device/dtype.
+
+    Example:
+        >>> import torch
+        >>> squared_norms({"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0])})
+        {'w': 25.0, 'b': 1.0}
+    """
+    names = list(tensors)
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for k in names:
+        groups.setdefault((tensors[k].device, tensors[k].dtype), []).append(k)
+    norm_of: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for keys in groups.values():
+            ts = [tensors[k] for k in keys]
+            try:  # the multi-tensor kernel clip_grad_norm_ uses
+                found = torch._foreach_norm(ts, 2, dtype=torch.float64)
+            except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - older torch
+                found = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in ts]
+            norm_of.update(zip(keys, found, strict=True))
+    values = host_floats([norm_of[k] for k in names])
+    return {k: v * v for k, v in zip(names, values, strict=True)}
+
+
+def differences(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``{k: a[k] − b[k]}`` for the keys of ``b``, detached, in one fused kernel per device.
+
+    Example:
+        >>> import torch
+        >>> differences({"w": torch.tensor([3.0]), "b": torch.tensor(1.0)}, {"w": torch.ones(1)})
+        {'w': tensor([2.])}
+    """
+    keys = list(b)
+    with torch.no_grad():
+        left, right = [a[k] for k in keys], [b[k] for k in keys]
+        try:
+            found = torch._foreach_sub(left, right)
+        except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - older torch
+            found = [x - y for x, y in zip(left, right, strict=True)]
+    return dict(zip(keys, found, strict=True))
+
+
 def norms(step: int, instrument: str, tensors: dict[str, Tensor]) -> list[Record]:
     """Rows ``‖t‖`` per tensor and the model-wide norm (``param="all"``), in float64.
 
@@ -445,7 +513,7 @@ def norms(step: int, instrument: str, tensors: dict[str, Tensor]) -> list[Record
         >>> [(r.param, r.value) for r in rows]
         [('all', 5.0), ('w', 3.0), ('b', 4.0)]
     """
-    squares = {k: squared_norm(t) for k, t in tensors.items()}
+    squares = squared_norms(tensors)
     rows: list[Record] = [Scalar(step, instrument, instrument, "all", sum(squares.values()) ** 0.5)]
     rows += [Scalar(step, instrument, instrument, k, v**0.5) for k, v in squares.items()]
     return rows

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from instruments.base import Instrument, PanelSpec, Record, StepContext, register_instrument
+from instruments.base import (
+    Instrument,
+    PanelSpec,
+    Record,
+    StepContext,
+    differences,
+    register_instrument,
+)
 from instruments.base import norms as _norms
 
 
@@ -42,5 +49,5 @@ class Distance(Instrument):
     )
 
     def compute(self, ctx: StepContext) -> list[Record]:  # noqa: D102
-        diff = {k: p - ctx.initial_params[k] for k, p in ctx.params.items()}
+        diff = differences(ctx.params, {k: ctx.initial_params[k] for k in ctx.params})
         return _norms(ctx.step, self.name, diff)

@@ -41,8 +41,9 @@ from instruments.base import (
     Record,
     Scalar,
     StepContext,
+    host_floats,
     register_instrument,
-    squared_norm,
+    squared_norms,
 )
 
 __all__ = [
@@ -234,18 +235,20 @@ def _statistics(ctx: StepContext) -> dict[str, tuple[float, float, float]]:
     if cached is not None:  # the three tests and the batch size share one step's sums
         return dict(cached)
     l2, dots = ctx.gathered[BatchL2()], ctx.gathered[GradDot()]
-    mean = ctx.mean_grads
-    out = {}
-    for k in l2:
-        out[k] = (
-            float(l2[k].sum()),
-            float((dots[k].double() ** 2).sum()),
-            squared_norm(mean[k]),
-        )
+    keys = list(l2)
+    mean_sq = squared_norms({k: ctx.mean_grads[k] for k in keys})
     total_dots = ctx.gathered.total(GradDot()).double()
+    # one host copy for all of them (a GPU waits once, not twice per tensor)
+    sums = host_floats(
+        [l2[k].sum() for k in keys]
+        + [(dots[k].double() ** 2).sum() for k in keys]
+        + [(total_dots**2).sum()]
+    )
+    p = len(keys)
+    out = {k: (sums[i], sums[p + i], mean_sq[k]) for i, k in enumerate(keys)}
     out["all"] = (
         sum(v[0] for v in out.values()),
-        float((total_dots**2).sum()),
+        sums[-1],
         sum(v[2] for v in out.values()),
     )
     ctx.__dict__["_gradient_test_statistics"] = dict(out)
