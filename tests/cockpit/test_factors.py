@@ -104,17 +104,6 @@ def test_affine_factor_uses_outer_path_and_falls_back_on_nonfinite(monkeypatch):
     torch.testing.assert_close(bad, reference_counts(dense, -1.0, 1.0, 20))
 
 
-def test_outer_histogram_path_is_chosen_by_device_unless_forced(monkeypatch):
-    cpu = torch.zeros(1)
-    meta = torch.zeros(1, device="meta")  # stands in for any non-CPU device
-    assert factors.OUTER_HIST is None, "default: decided per device"
-    assert factors._use_outer_hist(cpu) and not factors._use_outer_hist(meta)
-    monkeypatch.setattr(factors, "OUTER_HIST", True)
-    assert factors._use_outer_hist(meta)
-    monkeypatch.setattr(factors, "OUTER_HIST", False)
-    assert not factors._use_outer_hist(cpu)
-
-
 def test_owned_temporaries_are_binned_in_place_but_never_handed_out_ones():
     from cockpit.factors import DenseFactor
     from cockpit.quantities import IndividualGradients
