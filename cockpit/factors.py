@@ -474,8 +474,23 @@ class AffineFactor(Factor):
     ) -> dict[Quantity, Tensor]:
         requests = list(requests)
         out: dict[Quantity, Tensor] = {}
+        cheap = self._cheap_kinds(requests)
+        rest = [q for q in requests if not isinstance(q, cheap)]
+        if rest and self.s > 1:
+            # the per-sample gradients get built anyway: norms and projections read
+            # off them cost O(N·D), the factored forms O(N·S·O·I) or O(N·S²·(O + I))
+            cheap, rest = (), requests
+        for q in requests:
+            if isinstance(q, cheap):
+                out[q] = self._cheap(q, directions, out)
+        if rest:
+            out.update(self._materialized(rest, param, directions))
+        return out
+
+    def _cheap_kinds(self, requests: list[Quantity]) -> tuple[type, ...]:
+        """The quantity types this factor computes without building per-sample gradients."""
         if self.s == 1:
-            cheap = (BatchL2, BatchDot, GradDot, SecondMoment, Projection)
+            cheap: tuple[type, ...] = (BatchL2, BatchDot, GradDot, SecondMoment, Projection)
             if (
                 OUTER_HIST
                 and any(isinstance(q, Hist1D) for q in requests)
@@ -483,17 +498,10 @@ class AffineFactor(Factor):
                 and bool(self.b.isfinite().all())
             ):
                 cheap += (Hist1D,)
-        elif self._gram_cost() < self._materialize_cost():
-            cheap = (BatchL2, Projection)
-        else:
-            cheap = (Projection,)
-        rest = [q for q in requests if not isinstance(q, cheap)]
-        for q in requests:
-            if isinstance(q, cheap):
-                out[q] = self._cheap(q, directions, out)
-        if rest:
-            out.update(self._materialized(rest, param, directions))
-        return out
+            return cheap
+        if self._gram_cost() < self._materialize_cost():
+            return (BatchL2, Projection)
+        return (Projection,)
 
     def _cheap(
         self, q: Quantity, directions: dict[str, Tensor | None], done: dict[Quantity, Tensor]

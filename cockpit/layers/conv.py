@@ -105,7 +105,8 @@ class ConvFactor(AffineFactor):
     The affine form (``a`` = unfolded input patches, ``b`` = output gradient, both
     ``[N, G, S, ·]``) is built lazily, only for the quantities that need it (the Gram
     form of the batch L2 norm when S is small, curvature columns, merging uses).
-    Projections are one convolution of the input with the direction; individual
+    Projections are one convolution of the input with the direction (read off the
+    per-sample gradients instead when another request builds them); individual
     gradients come from one grouped weight-gradient convolution with the samples as
     groups when the layer has at least :data:`GROUPED_MIN_POSITIONS` output positions.
 
@@ -196,6 +197,10 @@ class ConvFactor(AffineFactor):
         self, requests: Iterable[Quantity], param: Tensor, directions: dict[str, Tensor | None]
     ) -> dict[Quantity, Tensor]:
         requests = list(requests)
+        cheap = self._cheap_kinds(requests)
+        if self.s > 1 and not all(isinstance(q, cheap) for q in requests):
+            # per-sample gradients get built: projections come off them (O(N·D))
+            return super().reduce(requests, param, directions)
         out: dict[Quantity, Tensor] = {}
         for q in requests:
             if isinstance(q, Projection):

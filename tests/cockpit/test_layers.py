@@ -226,3 +226,52 @@ def test_unfold_matches_torch_unfold():
         ours = unfold(x, k, s, p, d)
         ref = torch.nn.functional.unfold(x, k, dilation=d, padding=p, stride=s).transpose(1, 2)
         torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1), dict(groups=2)], ids=str)
+@pytest.mark.parametrize("channels", [4, 32], ids=["gram-cheaper", "dense-cheaper"])
+def test_conv_factored_forms_alone_and_read_off_built_gradients(kw, channels, monkeypatch):
+    """Norms/projections use the factored forms alone and the built gradients otherwise."""
+    from cockpit.quantities import BatchL2, Hist1D, Projection
+    from tests.cockpit.test_engine import TOL, gather
+    from tests.reference import per_sample_grads_func, quantity_from_grads
+
+    layer = nn.Conv2d(channels, 6, 3, bias=False, **kw)
+    model = Head(layer)
+    x = torch.randn(3, channels, 5, 6)
+    loss_fn = nn.MSELoss()
+    with torch.no_grad():
+        y = torch.randn_like(model(x))
+    u = {"layer.weight": torch.randn_like(layer.weight)}
+    ref = per_sample_grads_func(model, loss_fn, x, y)["layer.weight"]
+    built = []
+    original = conv_rules.ConvFactor.to_dense
+
+    def counting(self, *a, **k):
+        built.append(True)
+        return original(self, *a, **k)
+
+    projected = []  # the factored projection is one torch.convolution of x with u
+    convolution = torch.convolution
+
+    def counting_conv(*a, **k):
+        projected.append(True)
+        return convolution(*a, **k)
+
+    monkeypatch.setattr(conv_rules.ConvFactor, "to_dense", counting)
+    monkeypatch.setattr(torch, "convolution", counting_conv)
+    hist = Hist1D(bins=11, range=(-0.5, 0.5))
+    for qs, builds in (
+        ([Projection("u")], False),
+        ([BatchL2(), Projection("u")], None),  # the Gram form only where it is cheaper
+        ([BatchL2(), Projection("u"), hist], True),
+    ):
+        built.clear()
+        projected.clear()
+        result = gather(model, loss_fn, x, y, qs, {"u": u})
+        for q in qs:
+            expected = quantity_from_grads(q, ref, layer.weight.detach(), u["layer.weight"])
+            torch.testing.assert_close(result[q]["layer.weight"], expected, **TOL, msg=str(q))
+        if builds is not None:
+            assert bool(built) == builds, (qs, built)
+        assert bool(projected) != bool(built), "one way to the projection, never both"
