@@ -13,14 +13,7 @@ from instruments.hess_max_ev import HessMaxEV
 from instruments.hess_trace import HessTrace
 from tests.reference import per_sample_grads_func
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def explicit_hessian(model, loss_fn, x, y):

@@ -18,14 +18,7 @@ from cockpit import Cockpit
 from cockpit.quantities import Gathered
 from tests import models
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class PooledTransformer(nn.Module):

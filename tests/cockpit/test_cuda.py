@@ -41,20 +41,14 @@ from tests.reference import per_sample_grads_func, quantity_from_grads, trainabl
 #: ``COCKPIT_TEST_DEVICE=cpu`` runs this module's logic on the CPU (a dry run of the test
 #: code itself, for machines without a GPU); by default it needs CUDA and skips without.
 CUDA = torch.device(os.environ.get("COCKPIT_TEST_DEVICE", "cuda"))
-pytestmark = pytest.mark.skipif(
-    CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"
+    ),
+    pytest.mark.usefixtures("float64"),
+]
 
 TOL = dict(atol=1e-10, rtol=1e-10)
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
 
 
 def _cpu(values):

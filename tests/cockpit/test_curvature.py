@@ -23,13 +23,7 @@ from tests.curvature_reference import explicit_ggn, explicit_hessian, flatten, s
 TOL = dict(atol=1e-10, rtol=1e-10)
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def gather(model, loss_fn, x, y, quantities, transform=None, seed=0, **engine_kw):

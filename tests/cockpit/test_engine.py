@@ -72,13 +72,7 @@ def check_model(model, loss_fn, x, y, *, reference=per_sample_grads_func, hist_s
     return result, ref
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -14,14 +14,7 @@ from cockpit.layers import find_rule
 from cockpit.layers.conv import unfold
 from tests.cockpit.test_engine import check_model
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Head(nn.Module):

@@ -13,14 +13,7 @@ import cockpit.linops
 from cockpit.linops import HessianOperator, hutchinson_diagonal, hutchinson_trace, lanczos
 from tests.curvature_reference import explicit_hessian
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def sym_with_spectrum(evals: torch.Tensor, seed: int = 0) -> torch.Tensor:
