@@ -23,20 +23,13 @@ from cockpit.engine import Engine
 from cockpit.linops import lanczos
 from cockpit.logreader import read_histograms, read_log
 from cockpit.quantities import (
-    BatchDot,
     BatchL2,
     DiagGGN,
     DiagHessian,
-    GradDot,
-    Hist1D,
-    Hist2D,
-    IndividualGradients,
-    Projection,
-    SecondMoment,
 )
 from tests import models
+from tests.cockpit.test_engine import check_model
 from tests.curvature_reference import explicit_ggn, explicit_hessian, flatten, split
-from tests.reference import per_sample_grads_func, quantity_from_grads, trainable
 
 #: ``COCKPIT_TEST_DEVICE=cpu`` runs this module's logic on the CPU (a dry run of the test
 #: code itself, for machines without a GPU); by default it needs CUDA and skips without.
@@ -57,47 +50,9 @@ def _cpu(values):
     return values.detach().cpu()
 
 
-def _assert_on_cuda(result, q, names):
-    for name in names:
-        assert result[q][name].device.type == CUDA.type, f"{q} {name} left the device"
-
-
 def _first_order(model, loss_fn, x, y):
     """Every first-order quantity on CUDA against torch.func per-sample gradients on CPU."""
-    torch.manual_seed(1)
-    params = trainable(model)
-    u = {k: torch.randn_like(p) for k, p in params.items()}
-    qs = [
-        BatchL2(),
-        BatchDot(),
-        SecondMoment(),
-        GradDot(),
-        Projection("u"),
-        IndividualGradients(),
-        Hist1D(bins=17, range=(-0.3, 0.3)),
-        Hist2D(bins=(7, 9), range=((-0.2, 0.2), (-0.5, 0.5))),
-    ]
-    ref = per_sample_grads_func(model, loss_fn, x, y)
-    gpu = copy.deepcopy(model).to(CUDA)
-    with Engine(gpu, loss_fn) as engine:
-        loss = loss_fn(gpu(x.to(CUDA)), y.to(CUDA))
-        u_gpu = {k: v.to(CUDA) for k, v in u.items()}
-        with engine.gather(qs, directions={"u": u_gpu}) as result:
-            loss.backward()
-    assert set(result[BatchL2()]) == set(ref)
-    for q in qs:
-        _assert_on_cuda(result, q, ref)
-        for name, g in ref.items():
-            expected = quantity_from_grads(q, g, params[name].detach(), u[name])
-            torch.testing.assert_close(_cpu(result[q][name]), expected, **TOL, msg=f"{q} {name}")
-    flat = torch.cat([g.reshape(g.shape[0], -1) for g in ref.values()], 1)
-    torch.testing.assert_close(_cpu(result.total(BatchL2())), (flat**2).sum(1), **TOL)
-    torch.testing.assert_close(_cpu(result.total(BatchDot())), flat @ flat.T, **TOL)
-    # p.grad is what a plain backward gives
-    plain = copy.deepcopy(model)
-    loss_fn(plain(x), y).backward()
-    for (name, p), q in zip(gpu.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(p.grad.cpu(), q.grad, **TOL, msg=f"grad {name}")
+    check_model(model, loss_fn, x, y, device=CUDA)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -52,23 +53,47 @@ def gather(model, loss_fn, x, y, quantities, directions=None):
     return result
 
 
-def check_model(model, loss_fn, x, y, *, reference=per_sample_grads_func, hist_scale=1.0):
+def check_model(
+    model, loss_fn, x, y, *, reference=per_sample_grads_func, hist_scale=1.0, device=None
+):
+    """Every first-order quantity of ``model`` against ``reference`` per-sample gradients.
+
+    With ``device`` the engine runs on a copy of the model on that device (inputs and
+    directions moved there); every result must stay on the device and match the CPU
+    float64 reference, and the copy's ``p.grad`` must equal a plain CPU backward's.
+    """
     torch.manual_seed(1)
     params = trainable(model)
     u = {k: torch.randn_like(p) for k, p in params.items()}
     qs = all_quantities(hist_scale)
-    result = gather(model, loss_fn, x, y, qs, {"u": u})
+    run = model if device is None else copy.deepcopy(model).to(device)
+    if device is None:
+        result = gather(model, loss_fn, x, y, qs, {"u": u})
+    else:
+        moved = {k: v.to(device) for k, v in u.items()}
+        result = gather(run, loss_fn, x.to(device), y.to(device), qs, {"u": moved})
     ref = reference(model, loss_fn, x, y)
+
+    def host(value):
+        if device is not None:
+            assert value.device.type == torch.device(device).type, "a result left the device"
+        return value.cpu()
+
     assert set(result[BatchL2()]) == set(ref), "every trainable parameter is covered"
     for q in qs:
         for name, g in ref.items():
             expected = quantity_from_grads(q, g, params[name].detach(), u[name])
-            torch.testing.assert_close(result[q][name], expected, **TOL, msg=f"{q} {name}")
+            torch.testing.assert_close(host(result[q][name]), expected, **TOL, msg=f"{q} {name}")
     # model-wide totals
     flat = torch.cat([g.reshape(g.shape[0], -1) for g in ref.values()], 1)
-    torch.testing.assert_close(result.total(BatchL2()), (flat**2).sum(1), **TOL)
-    torch.testing.assert_close(result.total(BatchDot()), flat @ flat.T, **TOL)
-    torch.testing.assert_close(result.total(GradDot()), flat @ flat.mean(0), **TOL)
+    torch.testing.assert_close(host(result.total(BatchL2())), (flat**2).sum(1), **TOL)
+    torch.testing.assert_close(host(result.total(BatchDot())), flat @ flat.T, **TOL)
+    torch.testing.assert_close(host(result.total(GradDot())), flat @ flat.mean(0), **TOL)
+    if device is not None:  # p.grad on the device is what a plain backward gives
+        plain = copy.deepcopy(model)
+        loss_fn(plain(x), y).backward()
+        for (name, p), q in zip(run.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad.cpu(), q.grad, **TOL, msg=f"grad {name}")
     return result, ref
 
 
