@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -210,12 +211,24 @@ def _hist2d(grads: Tensor, param: Tensor, q: Hist2D) -> Tensor:
     return counts.to(torch.float64).view(bg, bp)
 
 
+def _sorted_rows(a: Tensor) -> Tensor:
+    """The rows of ``a`` ``[R, I]`` sorted ascending (values only).
+
+    On the CPU numpy's vectorized sort is used: ``torch.sort`` also builds the
+    permutation and was measured 4–7x slower on ``[128, 784]`` (2.6 ms against 0.39 ms
+    in float32, 0.69 ms in float64).
+    """
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(a.detach().numpy(), axis=1))
+    return a.sort(1).values
+
+
 def _outer_hist1d(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
     """Histogram of all entries ``b[r, o] · a[r, i]`` without building them.
 
     For row ``(r, o)`` the entries ``b[r,o] · a[r,:]`` are monotone in ``a[r,:]``, so
     with ``a[r]`` sorted the number of them below an edge ``e`` is one
-    ``searchsorted`` of ``e / |b[r,o]|`` (in ``a[r]`` for ``b > 0``, in ``−a[r]`` for
+    ``searchsorted`` of ``e / b[r,o]`` in ``a[r]`` (counting from the top for
     ``b < 0``). Only the edges strictly inside the row's range ``[min, max]`` are
     searched; a row inside one bin costs nothing beyond its range. A bin's count is
     then a difference of two positions (telescoping over the row's edges). Agrees
@@ -231,36 +244,41 @@ def _outer_hist1d(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
     """
     r_, i_ = a.shape
     bins, (low, high) = q.bins, q.range
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    srt = a64.sort(1).values  # [R, I]
+    b64 = b.to(torch.float64)
+    srt = _sorted_rows(a).to(torch.float64)  # [R, I]
     ends = torch.stack([b64 * srt[:, :1], b64 * srt[:, -1:]])  # [2, R, O]
     k = bin_index(ends, low, high, bins)
     lo, hi = k.min(0).values, k.max(0).values  # [R, O]
     counts = torch.bincount(hi.reshape(-1), minlength=bins).to(torch.float64) * i_
+    span = (hi - lo).reshape(-1)  # edges inside the row's range (0 where b = 0)
+    rows = span.nonzero().squeeze(1)  # ascending, so grouped by the sample r
+    if rows.numel() == 0:
+        return counts
+    m = span[rows]
+    first = lo.reshape(-1)[rows]
+    scale = b64.reshape(-1)[rows]
+    r = torch.div(rows, b.shape[1], rounding_mode="floor")
+    # one (row, edge) pair per edge inside the row's range
+    t = int(m.sum())
+    pair = torch.repeat_interleave(torch.arange(rows.numel(), device=a.device), m)
+    start = torch.cumsum(m, 0) - m
+    edge = first[pair] + 1 + torch.arange(t, device=a.device) - start[pair]
     edges = bin_edges_of(low, high, bins).to(a.device)
-    for sign, seq in ((1, srt), (-1, -srt.flip(1))):
-        span = (hi - lo) * ((b64 * sign) > 0)  # rows of this sign that cross an edge
-        rows = span.reshape(-1).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        m = span.reshape(-1)[rows]
-        first = lo.reshape(-1)[rows]
-        scale = (b64 * sign).reshape(-1)[rows]
-        r = torch.div(rows, b.shape[1], rounding_mode="floor")
-        # one (row, edge) pair per edge inside the row's range, grouped by r
-        t = int(m.sum())
-        pair = torch.repeat_interleave(torch.arange(rows.numel(), device=a.device), m)
-        start = torch.cumsum(m, 0) - m
-        edge = first[pair] + 1 + torch.arange(t, device=a.device) - start[pair]
-        thr = edges[edge] / scale[pair]
-        pr = r[pair]
-        per_r = torch.bincount(pr, minlength=r_)
-        pos = torch.arange(t, device=a.device) - (torch.cumsum(per_r, 0) - per_r)[pr]
-        padded = thr.new_full((r_, int(per_r.max())), math.inf)
-        padded[pr, pos] = thr
-        below = torch.searchsorted(seq, padded)[pr, pos].to(torch.float64)  # entries < edge
-        counts += torch.bincount(edge - 1, weights=below, minlength=bins)
-        counts -= torch.bincount(edge, weights=below, minlength=bins)[:bins]
+    scale = scale[pair]
+    thr = edges[edge] / scale
+    neg = scale < 0
+    # b·a < e  ⟺  a < e/b for b > 0;  for b < 0 it is a > e/b, counted as I − #(a ≤ e/b)
+    # = I − #(a < nextafter(e/b, +∞))
+    thr = torch.where(neg, torch.nextafter(thr, thr.new_tensor(math.inf)), thr)
+    pr = r[pair]
+    per_r = torch.bincount(pr, minlength=r_)
+    pos = torch.arange(t, device=a.device) - (torch.cumsum(per_r, 0) - per_r)[pr]
+    padded = thr.new_full((r_, int(per_r.max())), math.inf)
+    padded[pr, pos] = thr
+    below = torch.searchsorted(srt, padded)[pr, pos]  # entries of a[r] < thr
+    below = torch.where(neg, i_ - below, below).to(torch.float64)  # entries b·a < edge
+    counts += torch.bincount(edge - 1, weights=below, minlength=bins)
+    counts -= torch.bincount(edge, weights=below, minlength=bins)[:bins]
     return counts
 
 
