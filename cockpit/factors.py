@@ -66,13 +66,18 @@ __all__ = [
 
 #: Quantities that need the per-sample gradient of every sample at once.
 _NEEDS_ALL_ROWS = (BatchDot, GradDot)
-#: Elements per chunk when individual gradients are built for additive quantities.
-CHUNK_ELEMENTS = 1 << 24
+#: Elements per chunk when individual gradients are built (chunks of parameter rows,
+#: else of samples). 16 MiB in float32: larger blocks come from ``mmap`` on glibc and
+#: are page-faulted afresh at every step (measured: 0.21 ms/MiB against 0.05 below
+#: 32 MiB, a third of the cost of building a 3C3D layer's per-sample gradients).
+CHUNK_ELEMENTS = 1 << 22
 #: 1D histograms of affine layers without shared positions (S = 1) count the entries
 #: of the outer products ``b_n a_nᵀ`` by sorting ``a_n`` instead of building them (see
 #: :func:`_outer_hist1d`); ``False`` forces the materialized path (benchmarks, tests).
-#: On CUDA the materialized path was measured too (B, H200): 1D histogram 9.7x a plain
-#: step against 8.2x with this one, so the sort path is used on every device.
+#: On the CPU only the edges inside each row's range are searched; on other devices
+#: every edge (:func:`_outer_hist1d_all_edges`: no host synchronization). On CUDA the
+#: materialized path was measured too (B, H200): 1D histogram 9.7x a plain step
+#: against 8.2x with the sparse sort path, so a sort path is used on every device.
 OUTER_HIST = True
 
 
@@ -221,6 +226,52 @@ def _sorted_rows(a: Tensor) -> Tensor:
     if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
         return torch.from_numpy(np.sort(a.detach().numpy(), axis=1))
     return a.sort(1).values
+
+
+def _outer_hist1d_all_edges(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
+    """:func:`_outer_hist1d` searching every interior edge of every row: no host sync.
+
+    The sparse form searches only the edges inside each row's range, which needs the
+    number of such (row, edge) pairs on the host (a synchronization on a GPU, and about
+    65 small ops per layer). Here each row ``(r, o)`` searches all ``B − 1`` interior
+    edges: ``R·O·(B − 1)`` binary searches, which a GPU does in parallel, in a fixed
+    number of ops (chunked over samples to at most :data:`CHUNK_ELEMENTS` thresholds).
+
+    Args:
+        a: ``[R, I]`` finite.
+        b: ``[R, O]`` finite.
+        q: The histogram's bins and range.
+
+    Returns:
+        Float64 counts ``[B]``.
+    """
+    r_, i_ = a.shape
+    o_ = b.shape[1]
+    bins, (low, high) = q.bins, q.range
+    if bins == 1:
+        return torch.full((1,), float(r_ * o_ * i_), dtype=torch.float64, device=a.device)
+    srt = _sorted_rows(a).to(torch.float64)  # [R, I]
+    inner = bin_edges_of(low, high, bins).to(a.device)[1:-1]  # [B − 1]
+    below = torch.zeros(bins - 1, dtype=torch.float64, device=a.device)
+    chunk = max(1, CHUNK_ELEMENTS // (o_ * (bins - 1)))
+    for start in range(0, r_, chunk):
+        bc = b[start : start + chunk].to(torch.float64)[:, :, None]  # [r, O, 1]
+        thr = inner / bc  # [r, O, B − 1]
+        neg = bc < 0
+        # b·a < e  ⟺  a < e/b (b > 0);  b < 0: I − #(a < nextafter(e/b, +∞));
+        # b = 0: the entry 0 is below e iff 0 < e
+        thr = torch.where(neg, torch.nextafter(thr, thr.new_tensor(math.inf)), thr)
+        thr = torch.where(bc == 0, torch.where(inner > 0, math.inf, -math.inf), thr)
+        n_below = torch.searchsorted(srt[start : start + chunk], thr.flatten(1))
+        n_below = n_below.view(thr.shape)
+        n_below = torch.where(neg, i_ - n_below, n_below)
+        below += n_below.sum((0, 1), dtype=torch.float64)
+    total = float(r_ * o_ * i_)
+    counts = torch.empty(bins, dtype=torch.float64, device=a.device)
+    counts[0] = below[0]
+    counts[1:-1] = below[1:] - below[:-1]
+    counts[-1] = total - below[-1]
+    return counts
 
 
 def _outer_hist1d(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
@@ -512,8 +563,7 @@ class AffineFactor(Factor):
             if (
                 OUTER_HIST
                 and any(isinstance(q, Hist1D) for q in requests)
-                and bool(self.a.isfinite().all())
-                and bool(self.b.isfinite().all())
+                and bool(self.a.isfinite().all() & self.b.isfinite().all())
             ):
                 cheap += (Hist1D,)
             return cheap
@@ -547,23 +597,48 @@ class AffineFactor(Factor):
             if isinstance(q, SecondMoment):
                 return torch.einsum("ngo,ngi->goi", b1 * b1, a1 * a1).reshape(self.shape)
             if isinstance(q, Hist1D):
-                return _outer_hist1d(a1.reshape(-1, i), b1.reshape(-1, o), q)
+                count = _outer_hist1d if a.device.type == "cpu" else _outer_hist1d_all_edges
+                return count(a1.reshape(-1, i), b1.reshape(-1, o), q)
         if isinstance(q, BatchL2):
             bb = torch.einsum("ngso,ngto->ngst", b, b)
             aa = torch.einsum("ngsi,ngti->ngst", a, a)
             return (bb * aa).sum((1, 2, 3))
         raise TypeError(f"AffineFactor has no cheap form for {q!r}")  # pragma: no cover
 
+    def to_dense_rows(self, lo: int, hi: int) -> Tensor:
+        """Build rows ``lo:hi`` of every ``G_n`` (one group only) as ``[N, hi − lo, *P[1:]]``."""
+        a, b = self.a, self.b[..., lo:hi]
+        if self.s == 1:
+            g = b[:, :, 0, :, None] * a[:, :, 0, None, :]
+        else:
+            g = torch.einsum("ngso,ngsi->ngoi", b, a)
+        return g.reshape(self.n, hi - lo, *self.shape[1:])
+
     def _materialized(
         self, requests: list[Quantity], param: Tensor, directions: dict[str, Tensor | None]
     ) -> dict[Quantity, Tensor]:
-        if any(isinstance(q, _NEEDS_ALL_ROWS) for q in requests):
-            chunk = self.n
-        else:
-            chunk = max(1, CHUNK_ELEMENTS // max(1, self.shape.numel()))
-        if chunk >= self.n:
+        numel = self.shape.numel()
+        if self.n * numel <= CHUNK_ELEMENTS:
             return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
-        parts: list[dict[Quantity, Tensor]] = []
+        rows = self.shape[0]
+        if self.groups == 1 and rows > 1:
+            # chunks of output rows: every quantity adds up (or concatenates) over
+            # disjoint coordinates, the Gram matrix and ⟨g_n, ḡ⟩ included
+            step = max(1, CHUNK_ELEMENTS // (self.n * (numel // rows)))
+            parts = []
+            for lo in range(0, rows, step):
+                hi = min(rows, lo + step)
+                dirs = {
+                    k: None if u is None else u.reshape(self.shape)[lo:hi]
+                    for k, u in directions.items()
+                }
+                dense = DenseFactor(self.to_dense_rows(lo, hi), owned=True)
+                parts.append(dense.reduce(requests, param.reshape(self.shape)[lo:hi], dirs))
+            return _merge_row_chunks(requests, parts)
+        if any(isinstance(q, _NEEDS_ALL_ROWS) for q in requests):
+            return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
+        chunk = max(1, CHUNK_ELEMENTS // max(1, numel))
+        parts = []
         for start in range(0, self.n, chunk):
             dense = DenseFactor(self.to_dense(start, start + chunk), owned=True)
             parts.append(dense.reduce(requests, param, directions))
@@ -578,6 +653,20 @@ def _merge_chunks(requests: list[Quantity], parts: list[dict[Quantity, Tensor]])
         if isinstance(q, (BatchL2, Projection, IndividualGradients)):
             out[q] = torch.cat(values)
         else:  # SecondMoment, Hist1D, Hist2D: sums over samples
+            out[q] = torch.stack(values).sum(0)
+    return out
+
+
+def _merge_row_chunks(requests: list[Quantity], parts: list[dict[Quantity, Tensor]]) -> dict:
+    """Merge results of parameter-row chunks: per-coordinate values concatenate, the rest adds."""
+    out = {}
+    for q in requests:
+        values = [p[q] for p in parts]
+        if isinstance(q, SecondMoment):
+            out[q] = torch.cat(values)
+        elif isinstance(q, IndividualGradients):
+            out[q] = torch.cat(values, 1)
+        else:  # BatchL2, BatchDot, GradDot, Projection, Hist1D, Hist2D: sums over coordinates
             out[q] = torch.stack(values).sum(0)
     return out
 

@@ -172,26 +172,37 @@ class ConvFactor(AffineFactor):
         self.__dict__.pop("a", None)
         self.__dict__.pop("b", None)
 
-    def to_dense(self, start: int = 0, stop: int | None = None) -> Tensor:  # noqa: D102
-        if (
-            self.s < GROUPED_MIN_POSITIONS
-            or self.shape[1] < GROUPED_MIN_CHANNELS
-            or "a" in self.__dict__
-        ):
-            return super().to_dense(start, stop)
-        x, g = self.x[start:stop], self.g[start:stop]
-        k = x.shape[0]
-        weight_grad = _WEIGHT_GRAD[len(self.kernel_size)]
-        dense = weight_grad(
+    def _grouped_kernel(self) -> bool:
+        """Build per-sample gradients with the grouped weight-gradient convolution."""
+        return (
+            self.s >= GROUPED_MIN_POSITIONS
+            and self.shape[1] >= GROUPED_MIN_CHANNELS
+            and "a" not in self.__dict__
+        )
+
+    def _per_sample_weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
+        """``[K, O', *P[1:]]`` from inputs ``[K, C_in, …]`` and output gradients ``[K, O', …]``."""
+        k, rows = x.shape[0], g.shape[1]
+        dense = _WEIGHT_GRAD[len(self.kernel_size)](
             x.reshape(1, -1, *x.shape[2:]),
-            (k * self.shape[0], *self.shape[1:]),
+            (k * rows, *self.shape[1:]),
             g.reshape(1, -1, *g.shape[2:]),
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,
             groups=k * self.groups,
         )
-        return dense.view(k, *self.shape)
+        return dense.view(k, rows, *self.shape[1:])
+
+    def to_dense(self, start: int = 0, stop: int | None = None) -> Tensor:  # noqa: D102
+        if not self._grouped_kernel():
+            return super().to_dense(start, stop)
+        return self._per_sample_weight_grad(self.x[start:stop], self.g[start:stop])
+
+    def to_dense_rows(self, lo: int, hi: int) -> Tensor:  # noqa: D102
+        if not self._grouped_kernel():
+            return super().to_dense_rows(lo, hi)
+        return self._per_sample_weight_grad(self.x, self.g[:, lo:hi])
 
     def reduce(  # noqa: D102
         self, requests: Iterable[Quantity], param: Tensor, directions: dict[str, Tensor | None]

@@ -60,9 +60,15 @@ def test_nan_is_not_counted_and_inf_is_clamped():
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-4, 0.03, 1.0, 30.0])
-@pytest.mark.parametrize("low,high,bins", [(-2.0, 2.0, 100), (-1.3, 0.9, 37), (0.01, 0.2, 5)])
-def test_outer_histogram_equals_materialized(scale, low, high, bins):
-    """Sorted-input counting of outer products b aᵀ equals binning every entry."""
+@pytest.mark.parametrize(
+    "low,high,bins", [(-2.0, 2.0, 100), (-1.3, 0.9, 37), (0.01, 0.2, 5), (-1.0, 1.0, 1)]
+)
+@pytest.mark.parametrize("count", ["_outer_hist1d", "_outer_hist1d_all_edges"])
+def test_outer_histogram_equals_materialized(scale, low, high, bins, count):
+    """Sorted-input counting of outer products b aᵀ equals binning every entry.
+
+    Both forms: searching the edges inside each row's range (CPU) and all edges (GPU).
+    """
     torch.manual_seed(1)
     a = torch.relu(torch.randn(16, 70))  # ReLU inputs: many exact zeros
     a[:, :4] = torch.randn(16, 4)  # and some negative ones
@@ -73,7 +79,7 @@ def test_outer_histogram_equals_materialized(scale, low, high, bins):
     q = Hist1D(bins=bins, range=(low, high))
     entries = b[:, :, None].double() * a[:, None, :].double()
     expected = reference_counts(entries, low, high, bins)
-    got = factors._outer_hist1d(a, b, q)
+    got = getattr(factors, count)(a, b, q)
     assert got.sum() == a.shape[0] * a.shape[1] * b.shape[1]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -123,3 +129,83 @@ def test_owned_temporaries_are_binned_in_place_but_never_handed_out_ones():
     unowned = g.clone()
     DenseFactor(unowned).reduce([q], unowned, {})
     torch.testing.assert_close(unowned, g, rtol=0, atol=0)
+
+
+def _chunk_case(kind: str):
+    """A factor, its parameter and a direction, for the chunked-materialization test."""
+    from cockpit.layers.conv import ConvFactor
+
+    torch.manual_seed(7)
+    if kind == "affine_seq":  # Linear on sequences: a [N, 1, S, I], b [N, 1, S, O]
+        a = torch.randn(5, 1, 3, 8, dtype=torch.float64)
+        b = torch.randn(5, 1, 3, 6, dtype=torch.float64)
+        return AffineFactor(a, b, (6, 8))
+    if kind == "affine_s1":  # S = 1: only the histograms of pairs need the entries
+        a = torch.randn(5, 1, 1, 8, dtype=torch.float64)
+        b = torch.randn(5, 1, 1, 6, dtype=torch.float64)
+        return AffineFactor(a, b, (6, 8))
+    # (C_in, C_out, groups, spatial): unfolded patches vs the grouped weight-gradient kernel
+    c_in, c_out, groups, hw = {
+        "conv_unfold": (4, 6, 1, 5),
+        "conv_grouped": (16, 4, 1, 10),
+        "conv_groups2": (4, 6, 2, 5),
+    }[kind]
+    layer = torch.nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups).double()
+    x = torch.randn(3, c_in, hw, hw, dtype=torch.float64)
+    g = torch.randn(3, c_out, hw, hw, dtype=torch.float64)
+    return ConvFactor(x, g, layer, layer.padding)
+
+
+@pytest.mark.parametrize(
+    "kind", ["affine_seq", "affine_s1", "conv_unfold", "conv_grouped", "conv_groups2"]
+)
+def test_chunked_materialization_equals_the_explicit_quantities(kind, monkeypatch):
+    """Per-sample gradients built in chunks of parameter rows (or of samples) reduce
+    to the same quantities as the explicit ``[N, D]`` matrix."""
+    from cockpit.quantities import (
+        BatchDot,
+        BatchL2,
+        GradDot,
+        IndividualGradients,
+        Projection,
+        SecondMoment,
+    )
+
+    factor = _chunk_case(kind)
+    dense = factor.to_dense()  # [N, *P]
+    n, shape = dense.shape[0], dense.shape[1:]
+    flat = dense.reshape(n, -1)
+    param = torch.randn(shape, dtype=torch.float64)
+    u = torch.randn(shape, dtype=torch.float64)
+    h1 = Hist1D(bins=13, range=(-3.0, 3.0))
+    h2 = Hist2D(bins=(7, 5), range=((-3.0, 3.0), (-1.5, 1.5)))
+    gram = flat @ flat.T
+    expected = {
+        BatchL2(): (flat**2).sum(1),
+        BatchDot(): gram,
+        GradDot(): gram.mean(1),
+        SecondMoment(): (dense**2).sum(0),
+        Projection("u"): flat @ u.reshape(-1),
+        IndividualGradients(): dense,
+        h1: reference_counts(dense, -3.0, 3.0, 13),
+    }
+    gi = bin_index(flat, -3.0, 3.0, 7)
+    pi = bin_index(param.reshape(1, -1).expand_as(flat), -1.5, 1.5, 5)
+    expected[h2] = torch.bincount((gi * 5 + pi).reshape(-1), minlength=35).double().view(7, 5)
+    small = 40  # elements per chunk: one parameter row (or one sample) at a time
+    assert n * shape.numel() > small
+    monkeypatch.setattr(factors, "CHUNK_ELEMENTS", small)
+    calls = []
+    rows, samples = factor.to_dense_rows, factor.to_dense
+    monkeypatch.setattr(factor, "to_dense_rows", lambda *a: calls.append("rows") or rows(*a))
+    monkeypatch.setattr(factor, "to_dense", lambda *a: calls.append("samples") or samples(*a))
+    requests = list(expected)
+    if kind == "conv_groups2":  # grouped convolutions chunk samples, so the Gram
+        for q in (BatchDot(), GradDot()):  # matrix and ⟨g_n, ḡ⟩ need all rows at once
+            requests.remove(q)
+            del expected[q]
+    got = factor._materialized(requests, param, {"u": u})
+    assert len(calls) > 2 and set(calls) == {"samples" if kind == "conv_groups2" else "rows"}
+    for q in requests:
+        tol = 0 if isinstance(q, (Hist1D, Hist2D)) else 1e-12
+        torch.testing.assert_close(got[q], expected[q], rtol=tol, atol=tol, msg=f"{q}")
