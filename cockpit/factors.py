@@ -30,7 +30,9 @@ O output features, P parameter shape, D = prod(P), B bins.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -168,6 +170,39 @@ def bin_index(x: Tensor, low: float, high: float, bins: int) -> Tensor:
     return _scaled_bins(x, low, high, bins, nan=bins - 1).long()
 
 
+#: Index arrays at least this long are counted by several threads on the CPU
+#: (``torch.bincount`` runs on one core; the weight-gradient kernels it sits between
+#: use them all).
+PARALLEL_COUNT_MIN = 1 << 20
+_count_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_count_pool() -> None:  # a forked child has none of the parent's threads
+    global _count_pool
+    _count_pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_count_pool)
+
+
+def _count(idx: Tensor, size: int) -> Tensor:
+    """``torch.bincount(idx, minlength=size)`` of a 1-D non-negative index array.
+
+    Long CPU arrays are split into one contiguous piece per torch thread, counted
+    concurrently (torch releases the GIL inside the kernel) and summed.
+    """
+    threads = torch.get_num_threads()
+    if idx.device.type != "cpu" or threads < 2 or idx.numel() < PARALLEL_COUNT_MIN:
+        return torch.bincount(idx, minlength=size)
+    global _count_pool
+    if _count_pool is None:
+        _count_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cockpit-count")
+    pieces = idx.tensor_split(min(threads, _count_pool._max_workers))
+    counts = _count_pool.map(lambda piece: torch.bincount(piece, minlength=size), pieces)
+    return torch.stack(list(counts)).sum(0)
+
+
 def uniform_counts(x: Tensor, low: float, high: float, bins: int, inplace: bool = False) -> Tensor:
     """Histogram of all entries of ``x`` in ``bins`` equal bins on ``[low, high)``.
 
@@ -192,7 +227,7 @@ def uniform_counts(x: Tensor, low: float, high: float, bins: int, inplace: bool 
         tensor([1., 1., 2., 0.], dtype=torch.float64)
     """
     idx = _scaled_bins(x, low, high, bins, nan=bins, inplace=inplace).to(_index_dtype(bins + 1))
-    counts = torch.bincount(idx.reshape(-1), minlength=bins + 1)[:bins]
+    counts = _count(idx.reshape(-1), bins + 1)[:bins]
     return counts.to(torch.float64)
 
 
@@ -212,7 +247,7 @@ def _hist2d(grads: Tensor, param: Tensor, q: Hist2D) -> Tensor:
     gi = _scaled_bins(grads, g_lo, g_hi, bg, nan=bg).to(dtype)
     pi = _scaled_bins(param.to(grads.dtype), p_lo, p_hi, bp, nan=bp - 1).to(dtype)
     flat = gi.mul_(bp).add_(pi).reshape(-1)
-    counts = torch.bincount(flat, minlength=size)[: bg * bp]
+    counts = _count(flat, size)[: bg * bp]
     return counts.to(torch.float64).view(bg, bp)
 
 

@@ -209,3 +209,23 @@ def test_chunked_materialization_equals_the_explicit_quantities(kind, monkeypatc
     for q in requests:
         tol = 0 if isinstance(q, (Hist1D, Hist2D)) else 1e-12
         torch.testing.assert_close(got[q], expected[q], rtol=tol, atol=tol, msg=f"{q}")
+
+
+def test_long_index_arrays_are_counted_in_parallel_pieces(monkeypatch):
+    torch.manual_seed(4)
+    x = torch.cat([torch.randn(30_000) * 0.02, torch.randn(3_001) * 4])  # crowded bins
+    expected = reference_counts(x, -2.0, 2.0, 100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        monkeypatch.setattr(factors, "PARALLEL_COUNT_MIN", 1000)
+        pieces = []
+        real = torch.Tensor.tensor_split
+        monkeypatch.setattr(
+            torch.Tensor, "tensor_split", lambda t, k: pieces.append(k) or real(t, k)
+        )
+        got = uniform_counts(x, -2.0, 2.0, 100)
+    finally:
+        torch.set_num_threads(threads)
+    assert pieces and pieces[0] >= 2
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
