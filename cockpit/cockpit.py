@@ -47,6 +47,7 @@ from instruments.base import (
     StepContext,
     Update,
     differences,
+    host_arrays,
     squared_norms,
 )
 
@@ -527,6 +528,10 @@ class Cockpit:
     # ---------------------------------------------------------------- output
     def _emit(self, records: Iterable[Record]) -> None:
         scalars = []
+        records = list(records)
+        hists = [r for r in records if isinstance(r, Histogram) and self.writer is not None]
+        # one device→host copy for all of them
+        counts = dict(zip(map(id, hists), host_arrays([r.counts for r in hists]), strict=True))
         for r in records:
             if isinstance(r, Scalar):
                 scalars.append(r)
@@ -542,7 +547,7 @@ class Cockpit:
                     r.step,
                     r.instrument,
                     r.param,
-                    r.counts.cpu().numpy(),
+                    counts[id(r)],
                     [e.cpu().numpy() for e in r.edges],
                 )
         if self.writer is not None and scalars:

@@ -285,6 +285,8 @@ def column_factors(
 
 def _as_column(f) -> ColumnFactor:
     """One column: a per-sample factor with a leading axis of size 1."""
+    if hasattr(f, "as_column"):  # e.g. a convolution's grouped weight-gradient kernel
+        return f.as_column()
     if isinstance(f, AffineFactor):
         return ColumnAffineFactor(f.a[None], f.b[None], f.shape)
     if isinstance(f, EmbeddingFactor):

@@ -932,7 +932,8 @@ class ColumnFactor:
         return sq.sum((0, 1))
 
 
-def _check_weights(weights: Tensor | None, k: int, n: int) -> None:
+def check_weights(weights: Tensor | None, k: int, n: int) -> None:
+    """Raise unless ``weights`` is None or shaped ``[K, N]``."""
     if weights is not None and tuple(weights.shape) != (k, n):
         raise ValueError(f"weights must have shape [K, N] = [{k}, {n}], got {tuple(weights.shape)}")
 
@@ -960,7 +961,7 @@ class ColumnDenseFactor(ColumnFactor):
         return self.grads
 
     def sum_of_squares(self, weights: Tensor | None = None) -> Tensor:  # noqa: D102
-        _check_weights(weights, self.k, self.n)
+        check_weights(weights, self.k, self.n)
         return super().sum_of_squares(weights)
 
 
@@ -1021,7 +1022,7 @@ class ColumnAffineFactor(ColumnFactor):
         return g.reshape(k, self.n, *self.shape)
 
     def sum_of_squares(self, weights: Tensor | None = None) -> Tensor:  # noqa: D102
-        _check_weights(weights, self.k, self.n)
+        check_weights(weights, self.k, self.n)
         a, b = self.a, self.b
         w = None if weights is None else weights.to(a.dtype)
         if self.s == 1:
@@ -1142,7 +1143,7 @@ class ColumnEmbeddingFactor(ColumnFactor):
         return ColumnAffineFactor(self.g.unsqueeze(2), onehot[None, :, None], self.shape)
 
     def sum_of_squares(self, weights: Tensor | None = None) -> Tensor:  # noqa: D102
-        _check_weights(weights, self.k, self.n)
+        check_weights(weights, self.k, self.n)
         sample, vocab, rows = self._rows()
         sq = rows.square()
         if weights is not None:

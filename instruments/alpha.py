@@ -74,6 +74,7 @@ from instruments.base import (
     Scalar,
     StepContext,
     Update,
+    host_floats,
     register_instrument,
 )
 
@@ -179,14 +180,12 @@ def alpha(
     return -s1 / s0
 
 
-def _mean_and_unbiased_var(x: Tensor, name: str) -> tuple[float, float]:
+def _moments(x: Tensor, name: str) -> tuple[Tensor, Tensor | None]:
+    """Mean and unbiased variance in float64 on ``x``'s device (no variance of one value)."""
     x = x.detach().reshape(-1).to(torch.float64)
     if x.numel() == 0:
         raise ValueError(f"{name} is empty")
-    mean = float(x.mean())
-    if x.numel() < 2:
-        return mean, math.nan
-    return mean, float(x.var(correction=1))
+    return x.mean(), (x.var(correction=1) if x.numel() >= 2 else None)
 
 
 def alpha_from_samples(
@@ -231,10 +230,12 @@ def alpha_from_samples(
             raise ValueError(
                 f"point {point}: {losses.numel()} losses but {proj.numel()} projections"
             )
-    f0, var_f0 = _mean_and_unbiased_var(losses0, "losses0")
-    f1, var_f1 = _mean_and_unbiased_var(losses1, "losses1")
-    df0, var_df0 = _mean_and_unbiased_var(proj0, "proj0")
-    df1, var_df1 = _mean_and_unbiased_var(proj1, "proj1")
+    named = ((losses0, "losses0"), (losses1, "losses1"), (proj0, "proj0"), (proj1, "proj1"))
+    stats = [v for x, name in named for v in _moments(x, name)]
+    found = iter(host_floats([v for v in stats if v is not None]))  # one copy per device
+    f0, var_f0, f1, var_f1, df0, var_df0, df1, var_df1 = (
+        math.nan if v is None else next(found) for v in stats
+    )
     return alpha(tau, f0, f1, var_f0, var_f1, df0, df1, var_df0, var_df1)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -448,6 +449,33 @@ def host_floats(values: Sequence[Tensor]) -> list[float]:
             stacked = torch.stack(parts).to(torch.float64)  # stack promotes mixed dtypes
             for i, v in zip(idx, stacked.tolist(), strict=True):
                 out[i] = v
+    return out
+
+
+def host_arrays(values: Sequence[Tensor]) -> list[np.ndarray]:
+    """NumPy arrays of tensors, one device→host copy per device, dtype and shape.
+
+    A step's histograms (model-wide and one per parameter tensor) would otherwise
+    wait for a GPU once each. CPU tensors are returned as views, not copied.
+
+    Example:
+        >>> import torch
+        >>> [a.tolist() for a in host_arrays([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])]
+        [[1.0, 2.0], [3.0, 4.0]]
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault((v.device, v.dtype, tuple(v.shape)), []).append(i)
+    out: list[np.ndarray] = [np.empty(0)] * len(values)
+    with torch.no_grad():
+        for (device, _, _), idx in groups.items():
+            if device.type == "cpu":
+                for i in idx:
+                    out[i] = values[i].detach().numpy()
+                continue
+            stacked = torch.stack([values[i].detach() for i in idx]).cpu().numpy()
+            for j, i in enumerate(idx):
+                out[i] = stacked[j]
     return out
 
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cockpit.factors import AffineFactor, DenseFactor, Factor
+import cockpit.factors as _factors
+from cockpit.factors import AffineFactor, ColumnAffineFactor, DenseFactor, Factor, check_weights
 from cockpit.layers import register_layer
 from cockpit.quantities import Projection, Quantity
 
@@ -199,6 +200,10 @@ class ConvFactor(AffineFactor):
             return super().to_dense(start, stop)
         return self._per_sample_weight_grad(self.x[start:stop], self.g[start:stop])
 
+    def as_column(self) -> ColumnConvFactor:
+        """This factor as one curvature column (see :class:`ColumnConvFactor`)."""
+        return ColumnConvFactor(self)
+
     def to_dense_rows(self, lo: int, hi: int) -> Tensor:  # noqa: D102
         if not self._grouped_kernel():
             return super().to_dense_rows(lo, hi)
@@ -236,6 +241,71 @@ class ConvFactor(AffineFactor):
         if rest:
             out.update(super().reduce(rest, param, directions))
         return out
+
+
+class ColumnConvFactor(ColumnAffineFactor):
+    """One curvature column (K = 1) of a convolution, e.g. the Monte-Carlo GGN's sample.
+
+    Its squared per-sample gradients come from :class:`ConvFactor`'s grouped
+    weight-gradient kernel in chunks of output channels where that kernel applies;
+    the unfolded patches (``[N, S, C_in·K]``, 113 MB for an All-CNN-C layer at N = 32)
+    are built only when another use of the layer needs the affine form.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> layer = torch.nn.Conv2d(16, 4, 3, padding=1).double()
+        >>> x = torch.randn(2, 16, 8, 8, dtype=torch.float64)  # input [N, C_in, H, W]
+        >>> g = torch.randn(2, 4, 8, 8, dtype=torch.float64)  # the column's output gradient
+        >>> f = ColumnConvFactor(ConvFactor(x, g, layer, layer.padding))
+        >>> dense = f.to_dense()  # [1, N, *P]
+        >>> torch.allclose(f.sum_of_squares(), (dense**2).sum((0, 1)))
+        True
+        >>> w = torch.tensor([[1.0, -2.0]], dtype=torch.float64)  # weights [K, N]
+        >>> ref = (w.view(1, 2, 1, 1, 1, 1) * dense**2).sum((0, 1))  # Σ_n w_n G_n²
+        >>> torch.allclose(f.sum_of_squares(w), ref)
+        True
+        >>> "a" in vars(f.factor)  # no patches were unfolded
+        False
+    """
+
+    def __init__(self, factor: ConvFactor) -> None:
+        self.factor = factor
+        self.k, self.n, self.groups, self.s = 1, factor.n, factor.groups, factor.s
+        self.shape = factor.shape
+
+    @property
+    def a(self) -> Tensor:  # type: ignore[override]
+        """The unfolded patches ``[1, N, G, S, C_in/G·K]`` (built on first use)."""
+        return self.factor.a[None]
+
+    @property
+    def b(self) -> Tensor:  # type: ignore[override]
+        """The output gradient ``[1, N, G, S, C_out/G]``."""
+        return self.factor.b[None]
+
+    @property
+    def _dims(self) -> tuple[int, int]:
+        return self.factor._dims
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        return self.factor.to_dense()[None]
+
+    def sum_of_squares(self, weights: Tensor | None = None) -> Tensor:  # noqa: D102
+        check_weights(weights, 1, self.n)
+        f = self.factor
+        if self.groups != 1 or not f._grouped_kernel():
+            return super().sum_of_squares(weights)
+        rows = self.shape[0]
+        step = max(1, _factors.CHUNK_ELEMENTS // (self.n * (self.shape.numel() // rows)))
+        w = None if weights is None else weights[0].to(f.g.dtype)
+        parts = []
+        for lo in range(0, rows, step):
+            sq = f.to_dense_rows(lo, min(rows, lo + step)).square_()  # [N, rows', ...]
+            if w is not None:
+                sq *= w.view(-1, *([1] * (sq.dim() - 1)))
+            parts.append(sq.sum(0))
+        return torch.cat(parts)
 
 
 def _conv_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cockpit.engine
+import cockpit.factors
 from cockpit.engine import Engine
 from cockpit.layers import UnsupportedModuleError
 from cockpit.linops import hutchinson_trace, lanczos
@@ -376,6 +377,35 @@ def test_hessian_exact_conv_tanh_bce():
         nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 3)
     )
     check_hessian(model, nn.BCEWithLogitsLoss(), torch.randn(4, 2, 4, 4), torch.rand(4, 3))
+
+
+def test_wide_convolutions_square_one_column_with_the_grouped_kernel(monkeypatch):
+    """One loss column (a single BCE logit) through convolutions wide enough for the
+    grouped weight-gradient kernel: squared per-sample gradients in output-channel
+    chunks, without unfolding the input, equal the explicit GGN and Hessian diagonals."""
+    from cockpit.layers.conv import GROUPED_MIN_CHANNELS, GROUPED_MIN_POSITIONS, ColumnConvFactor
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(1, GROUPED_MIN_CHANNELS, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(GROUPED_MIN_CHANNELS, 2, 3, padding=1),  # 8·8 = 64 output positions
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 64, 1),
+    )
+    assert GROUPED_MIN_POSITIONS <= 64
+    x, y = torch.randn(3, 1, 8, 8), torch.rand(3, 1)
+    squares = []
+    real = ColumnConvFactor.sum_of_squares
+    monkeypatch.setattr(
+        ColumnConvFactor, "sum_of_squares", lambda f, w=None: squares.append(f) or real(f, w)
+    )
+    monkeypatch.setattr(cockpit.factors, "CHUNK_ELEMENTS", 3 * 16 * 9 * 2)  # 2 rows a chunk
+    check_ggn(model, nn.BCEWithLogitsLoss(), x, y)
+    wide = [f for f in squares if f.factor.shape[1] == GROUPED_MIN_CHANNELS]
+    assert wide and all("a" not in vars(f.factor) for f in wide), "no patches unfolded"
+    check_hessian(model, nn.BCEWithLogitsLoss(), x, y)
 
 
 def test_hessian_equals_ggn_for_piecewise_linear_nets():
