@@ -190,10 +190,15 @@ def _count(idx: Tensor, size: int) -> Tensor:
     """``torch.bincount(idx, minlength=size)`` of a 1-D non-negative index array.
 
     Long CPU arrays are split into one contiguous piece per torch thread, counted
-    concurrently (torch releases the GIL inside the kernel) and summed.
+    concurrently (torch releases the GIL inside the kernel) and summed. On a GPU,
+    ``uint8`` indices are sorted and searched instead (:func:`_count_sorted`).
     """
+    if idx.device.type != "cpu":
+        if idx.dtype == torch.uint8:
+            return _count_sorted(idx, size)
+        return torch.bincount(idx, minlength=size)
     threads = torch.get_num_threads()
-    if idx.device.type != "cpu" or threads < 2 or idx.numel() < PARALLEL_COUNT_MIN:
+    if threads < 2 or idx.numel() < PARALLEL_COUNT_MIN:
         return torch.bincount(idx, minlength=size)
     global _count_pool
     if _count_pool is None:
@@ -201,6 +206,26 @@ def _count(idx: Tensor, size: int) -> Tensor:
     pieces = idx.tensor_split(min(threads, _count_pool._max_workers))
     counts = _count_pool.map(lambda piece: torch.bincount(piece, minlength=size), pieces)
     return torch.stack(list(counts)).sum(0)
+
+
+def _count_sorted(idx: Tensor, size: int) -> Tensor:
+    """Counts of ``0 … size − 1`` in ``uint8`` indices by sorting: no atomics.
+
+    Gradient entries crowd into the few bins around zero, so ``bincount``'s atomic
+    increments contend on a GPU: on an H200, 14M entries took 158 µs spread over the
+    bins but 1071 µs crowded, against 220–240 µs for sorting and searching either way.
+
+    Example:
+        >>> import torch
+        >>> _count_sorted(torch.tensor([3, 0, 3, 1], dtype=torch.uint8), 5)
+        tensor([1, 1, 0, 2, 0])
+    """
+    if size > 256:
+        raise ValueError(f"uint8 indices count at most 256 values, not {size}")
+    ordered = idx.reshape(-1).sort().values
+    values = torch.arange(size, device=idx.device, dtype=torch.int16).to(torch.uint8)
+    first = torch.searchsorted(ordered, values)  # position of the first entry ≥ v
+    return torch.cat([first, first.new_tensor([ordered.numel()])]).diff()
 
 
 def uniform_counts(x: Tensor, low: float, high: float, bins: int, inplace: bool = False) -> Tensor:

@@ -229,3 +229,14 @@ def test_long_index_arrays_are_counted_in_parallel_pieces(monkeypatch):
         torch.set_num_threads(threads)
     assert pieces and pieces[0] >= 2
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [1, 7, 101, 256])
+def test_sorted_counting_equals_bincount(size):
+    """The GPU's counting of uint8 indices (sort and search, no atomics), run on the CPU."""
+    torch.manual_seed(size)
+    idx = torch.randint(0, size, (5000,), dtype=torch.uint8)
+    idx[:2000] = size // 2  # crowded, as gradient entries are around zero
+    torch.testing.assert_close(
+        factors._count_sorted(idx, size), torch.bincount(idx, minlength=size), rtol=0, atol=0
+    )
