@@ -166,7 +166,15 @@ def render(cuda_dir: Path = RESULTS / "cuda", cpu_dir: Path = RESULTS) -> str | 
     metas = [s.get("meta") or {} for s in gpu.values()]
     meta = next((m for m in metas if m.get("gpu")), metas[0])
     dates = sorted(m["date"] for m in metas if m.get("date"))
-    commit = next((m.get("git_commit") for m in metas if m.get("git_commit")), "?")
+    by_commit: dict[str, list[str]] = {}
+    for name, suite in gpu.items():
+        c = (suite.get("meta") or {}).get("git_commit")
+        if c:
+            by_commit.setdefault(c, []).append(name)
+    if len(by_commit) <= 1:
+        commit = next(iter(by_commit), "?")
+    else:  # suites re-measured at different commits
+        commit = ", ".join(f"{c} ({', '.join(sorted(names))})" for c, names in by_commit.items())
     plain = [
         e["plain_ms"]
         for _, rows in ROWS
