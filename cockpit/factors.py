@@ -174,7 +174,7 @@ def bin_index(x: Tensor, low: float, high: float, bins: int) -> Tensor:
 #: (``torch.bincount`` runs on one core; the weight-gradient kernels it sits between
 #: use them all).
 PARALLEL_COUNT_MIN = 1 << 20
-_count_pool: ThreadPoolExecutor | None = None
+_count_pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its workers)
 
 
 def _forget_count_pool() -> None:  # a forked child has none of the parent's threads
@@ -201,10 +201,12 @@ def _count(idx: Tensor, size: int) -> Tensor:
     if threads < 2 or idx.numel() < PARALLEL_COUNT_MIN:
         return torch.bincount(idx, minlength=size)
     global _count_pool
-    if _count_pool is None:
-        _count_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cockpit-count")
-    pieces = idx.tensor_split(min(threads, _count_pool._max_workers))
-    counts = _count_pool.map(lambda piece: torch.bincount(piece, minlength=size), pieces)
+    if _count_pool is None or _count_pool[1] < threads:  # more threads since: a wider pool
+        if _count_pool is not None:
+            _count_pool[0].shutdown(wait=False)
+        _count_pool = (ThreadPoolExecutor(threads, thread_name_prefix="cockpit-count"), threads)
+    pieces = idx.tensor_split(threads)
+    counts = _count_pool[0].map(lambda piece: torch.bincount(piece, minlength=size), pieces)
     return torch.stack(list(counts)).sum(0)
 
 
