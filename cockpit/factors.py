@@ -557,6 +557,8 @@ class AffineFactor(Factor):
         (torch.Size([4, 2, 5]), True)
         >>> f.to_dense(1, 3).shape  # samples 1:3 only
         torch.Size([2, 2, 5])
+        >>> torch.equal(f.to_dense_rows(1, 2), dense[:, 1:2])  # parameter row 1, all samples
+        True
         >>> qs = [BatchL2(), BatchDot(), SecondMoment(), Projection("u"), Hist1D(bins=8)]
         >>> u = {"u": torch.randn(o, i, dtype=torch.float64)}
         >>> got = f.reduce(qs, torch.zeros(o, i), u)  # einsums over (a, b) where cheaper

@@ -135,6 +135,12 @@ class ConvFactor(AffineFactor):
         (torch.Size([2, 1, 64, 144]), torch.Size([2, 1, 64, 4]))
         >>> torch.allclose(dense, AffineFactor(f.a, f.b, f.shape).to_dense())
         True
+        >>> f.drop_cache()
+        >>> torch.allclose(f.to_dense_rows(1, 3), dense[:, 1:3])  # output channels 1:3
+        True
+        >>> column = f.as_column()  # one curvature column: Σ_n G_n² without patches
+        >>> torch.allclose(column.sum_of_squares(), (dense**2).sum(0))
+        True
         >>> f.drop_cache()  # frees the patches (rebuilt when needed again)
         >>> "a" in vars(f)
         False
