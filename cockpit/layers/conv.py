@@ -93,11 +93,30 @@ GROUPED_MIN_POSITIONS = 64
 #: while the patches are small anyway.
 GROUPED_MIN_CHANNELS = 16
 
-_WEIGHT_GRAD = {
-    1: torch.nn.grad.conv1d_weight,
-    2: torch.nn.grad.conv2d_weight,
-    3: torch.nn.grad.conv3d_weight,
-}
+
+def _weight_grad(
+    x: Tensor, weight_shape: tuple[int, ...], g: Tensor, stride, padding, dilation, groups: int
+) -> Tensor:
+    """The gradient of a convolution's weight: ``torch.nn.grad.conv{1,2,3}d_weight``.
+
+    Those pass a stride-0 placeholder for the weight, which sends oneDNN down a slower
+    path for the grouped per-sample kernel; a contiguous (never read) placeholder was
+    measured 15–30 % faster on 3C3D / All-CNN-C layers (e.g. 26.9 → 18.7 ms).
+    """
+    d = len(weight_shape) - 2
+    return torch.ops.aten.convolution_backward(
+        g,
+        x,
+        g.new_empty(weight_shape),
+        None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0] * d,
+        groups,
+        (False, True, False),
+    )[1]
 
 
 class ConvFactor(AffineFactor):
@@ -190,14 +209,14 @@ class ConvFactor(AffineFactor):
     def _per_sample_weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
         """``[K, O', *P[1:]]`` from inputs ``[K, C_in, …]`` and output gradients ``[K, O', …]``."""
         k, rows = x.shape[0], g.shape[1]
-        dense = _WEIGHT_GRAD[len(self.kernel_size)](
+        dense = _weight_grad(
             x.reshape(1, -1, *x.shape[2:]),
             (k * rows, *self.shape[1:]),
             g.reshape(1, -1, *g.shape[2:]),
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=k * self.groups,
+            self.stride,
+            self.padding,
+            self.dilation,
+            k * self.groups,
         )
         return dense.view(k, rows, *self.shape[1:])
 
