@@ -272,7 +272,7 @@ class ColumnConvFactor(ColumnAffineFactor):
     """One curvature column (K = 1) of a convolution, e.g. the Monte-Carlo GGN's sample.
 
     Its squared per-sample gradients come from :class:`ConvFactor`'s grouped
-    weight-gradient kernel in chunks of output channels where that kernel applies;
+    weight-gradient kernel in chunks of samples where that kernel applies;
     the unfolded patches (``[N, S, C_in·K]``, 113 MB for an All-CNN-C layer at N = 32)
     are built only when another use of the layer needs the affine form.
 
@@ -321,16 +321,17 @@ class ColumnConvFactor(ColumnAffineFactor):
         f = self.factor
         if self.groups != 1 or not f._grouped_kernel():
             return super().sum_of_squares(weights)
-        rows = self.shape[0]
-        step = max(1, _factors.CHUNK_ELEMENTS // (self.n * (self.shape.numel() // rows)))
+        step = max(1, _factors.CHUNK_ELEMENTS // self.shape.numel())  # samples per chunk
         w = None if weights is None else weights[0].to(f.g.dtype)
-        parts = []
-        for lo in range(0, rows, step):
-            sq = f.to_dense_rows(lo, min(rows, lo + step)).square_()  # [N, rows', ...]
+        total = None
+        for start in range(0, self.n, step):
+            sq = f.to_dense(start, start + step).square_()  # [K', *P]
             if w is not None:
-                sq *= w.view(-1, *([1] * (sq.dim() - 1)))
-            parts.append(sq.sum(0))
-        return torch.cat(parts)
+                sq *= w[start : start + step].view(-1, *([1] * (sq.dim() - 1)))
+            part = sq.sum(0)
+            total = part if total is None else total.add_(part)
+        assert total is not None
+        return total
 
 
 def _conv_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:

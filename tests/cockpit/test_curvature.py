@@ -381,8 +381,8 @@ def test_hessian_exact_conv_tanh_bce():
 
 def test_wide_convolutions_square_one_column_with_the_grouped_kernel(monkeypatch):
     """One loss column (a single BCE logit) through convolutions wide enough for the
-    grouped weight-gradient kernel: squared per-sample gradients in output-channel
-    chunks, without unfolding the input, equal the explicit GGN and Hessian diagonals."""
+    grouped weight-gradient kernel: squared per-sample gradients in chunks of samples,
+    without unfolding the input, equal the explicit GGN and Hessian diagonals."""
     from cockpit.layers.conv import GROUPED_MIN_CHANNELS, GROUPED_MIN_POSITIONS, ColumnConvFactor
 
     torch.manual_seed(5)
@@ -401,7 +401,7 @@ def test_wide_convolutions_square_one_column_with_the_grouped_kernel(monkeypatch
     monkeypatch.setattr(
         ColumnConvFactor, "sum_of_squares", lambda f, w=None: squares.append(f) or real(f, w)
     )
-    monkeypatch.setattr(cockpit.factors, "CHUNK_ELEMENTS", 3 * 16 * 9 * 2)  # 2 rows a chunk
+    monkeypatch.setattr(cockpit.factors, "CHUNK_ELEMENTS", 300)  # one sample a chunk
     check_ggn(model, nn.BCEWithLogitsLoss(), x, y)
     wide = [f for f in squares if f.factor.shape[1] == GROUPED_MIN_CHANNELS]
     assert wide and all("a" not in vars(f.factor) for f in wide), "no patches unfolded"

@@ -156,12 +156,14 @@ def _chunk_case(kind: str):
     return ConvFactor(x, g, layer, layer.padding)
 
 
+@pytest.mark.parametrize("pairs", [True, False], ids=["with_gram", "without_gram"])
 @pytest.mark.parametrize(
     "kind", ["affine_seq", "affine_s1", "conv_unfold", "conv_grouped", "conv_groups2"]
 )
-def test_chunked_materialization_equals_the_explicit_quantities(kind, monkeypatch):
-    """Per-sample gradients built in chunks of parameter rows (or of samples) reduce
-    to the same quantities as the explicit ``[N, D]`` matrix."""
+def test_chunked_materialization_equals_the_explicit_quantities(kind, pairs, monkeypatch):
+    """Per-sample gradients built in chunks of samples (or of parameter rows, when the
+    Gram matrix or ⟨g_n, ḡ⟩ pairs all samples) reduce to the same quantities as the
+    explicit ``[N, D]`` matrix."""
     from cockpit.quantities import (
         BatchDot,
         BatchL2,
@@ -200,12 +202,13 @@ def test_chunked_materialization_equals_the_explicit_quantities(kind, monkeypatc
     monkeypatch.setattr(factor, "to_dense_rows", lambda *a: calls.append("rows") or rows(*a))
     monkeypatch.setattr(factor, "to_dense", lambda *a: calls.append("samples") or samples(*a))
     requests = list(expected)
-    if kind == "conv_groups2":  # grouped convolutions chunk samples, so the Gram
-        for q in (BatchDot(), GradDot()):  # matrix and ⟨g_n, ḡ⟩ need all rows at once
+    if kind == "conv_groups2" or not pairs:  # grouped convolutions chunk samples only,
+        for q in (BatchDot(), GradDot()):  # so the pairing quantities are left out there
             requests.remove(q)
             del expected[q]
     got = factor._materialized(requests, param, {"u": u})
-    assert len(calls) > 2 and set(calls) == {"samples" if kind == "conv_groups2" else "rows"}
+    rows = pairs and kind != "conv_groups2"
+    assert len(calls) > 2 and set(calls) == {"rows" if rows else "samples"}
     for q in requests:
         tol = 0 if isinstance(q, (Hist1D, Hist2D)) else 1e-12
         torch.testing.assert_close(got[q], expected[q], rtol=tol, atol=tol, msg=f"{q}")
@@ -240,3 +243,21 @@ def test_sorted_counting_equals_bincount(size):
     torch.testing.assert_close(
         factors._count_sorted(idx, size), torch.bincount(idx, minlength=size), rtol=0, atol=0
     )
+
+
+def test_one_conv_column_squares_in_sample_chunks_with_weights(monkeypatch):
+    """A convolution's curvature column, squared chunk by chunk with signed weights."""
+    from cockpit.layers.conv import ColumnConvFactor
+
+    factor = _chunk_case("conv_grouped")  # N = 3, grouped weight-gradient kernel
+    dense = factor.to_dense()  # [N, *P]
+    w = torch.tensor([[0.5, -2.0, 1.5]], dtype=torch.float64)  # [K = 1, N]
+    expected = (w[0].view(-1, 1, 1, 1, 1) * dense**2).sum(0)
+    monkeypatch.setattr(factors, "CHUNK_ELEMENTS", dense[0].numel())  # one sample a chunk
+    calls = []
+    real = factor.to_dense
+    monkeypatch.setattr(factor, "to_dense", lambda *a: calls.append(a) or real(*a))
+    column = ColumnConvFactor(factor)
+    torch.testing.assert_close(column.sum_of_squares(w), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(column.sum_of_squares(), (dense**2).sum(0), rtol=1e-12, atol=1e-12)
+    assert calls == [(0, 1), (1, 2), (2, 3)] * 2
