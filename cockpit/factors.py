@@ -68,8 +68,8 @@ __all__ = [
 
 #: Quantities that need the per-sample gradient of every sample at once.
 _NEEDS_ALL_ROWS = (BatchDot, GradDot)
-#: Elements per chunk when individual gradients are built (chunks of samples, or of
-#: parameter rows when the Gram matrix or ⟨g_n, ḡ⟩ needs every sample at once).
+#: Elements per chunk when individual gradients are built (chunks of parameter rows,
+#: or of samples for grouped layers).
 #: 16 MiB in float32: larger blocks come from ``mmap`` on glibc and are page-faulted
 #: afresh at every step (measured: 0.21 ms/MiB against 0.05 below 32 MiB).
 CHUNK_ELEMENTS = 1 << 22
@@ -685,11 +685,12 @@ class AffineFactor(Factor):
         if self.n * numel <= CHUNK_ELEMENTS:
             return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
         rows = self.shape[0]
-        all_rows = any(isinstance(q, _NEEDS_ALL_ROWS) for q in requests)
-        if all_rows and self.groups == 1 and rows > 1:
-            # the Gram matrix and ⟨g_n, ḡ⟩ pair every sample with every other: chunks of
-            # output rows for all samples (every quantity adds up or concatenates over
-            # disjoint coordinates)
+        if self.groups == 1 and rows > 1:
+            # chunks of output rows for all samples: every quantity adds up (or
+            # concatenates) over disjoint coordinates, the Gram matrix and ⟨g_n, ḡ⟩
+            # included. Chunks of samples were measured too: slower on 3C3D (second
+            # moment and 1D histogram of conv2/conv3: 49 and 71 ms against 41 and 61),
+            # faster only on All-CNN-C's widest layer.
             step = max(1, CHUNK_ELEMENTS // (self.n * (numel // rows)))
             parts = []
             for lo in range(0, rows, step):
@@ -701,11 +702,8 @@ class AffineFactor(Factor):
                 dense = DenseFactor(self.to_dense_rows(lo, hi), owned=True)
                 parts.append(dense.reduce(requests, param.reshape(self.shape)[lo:hi], dirs))
             return _merge_row_chunks(requests, parts)
-        if all_rows:
+        if any(isinstance(q, _NEEDS_ALL_ROWS) for q in requests):
             return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
-        # chunks of samples otherwise: the grouped weight-gradient kernel of a convolution
-        # is faster on a few whole samples than on a few output channels of all of them
-        # (All-CNN-C's 192→192 layer at S = 256: 41 ms against 68 ms, 16 MiB chunks)
         chunk = max(1, CHUNK_ELEMENTS // max(1, numel))
         parts = []
         for start in range(0, self.n, chunk):

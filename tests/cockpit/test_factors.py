@@ -161,9 +161,9 @@ def _chunk_case(kind: str):
     "kind", ["affine_seq", "affine_s1", "conv_unfold", "conv_grouped", "conv_groups2"]
 )
 def test_chunked_materialization_equals_the_explicit_quantities(kind, pairs, monkeypatch):
-    """Per-sample gradients built in chunks of samples (or of parameter rows, when the
-    Gram matrix or ⟨g_n, ḡ⟩ pairs all samples) reduce to the same quantities as the
-    explicit ``[N, D]`` matrix."""
+    """Per-sample gradients built in chunks of parameter rows (of samples for grouped
+    convolutions, which then cannot pair all samples) reduce to the same quantities as
+    the explicit ``[N, D]`` matrix."""
     from cockpit.quantities import (
         BatchDot,
         BatchL2,
@@ -207,8 +207,7 @@ def test_chunked_materialization_equals_the_explicit_quantities(kind, pairs, mon
             requests.remove(q)
             del expected[q]
     got = factor._materialized(requests, param, {"u": u})
-    rows = pairs and kind != "conv_groups2"
-    assert len(calls) > 2 and set(calls) == {"rows" if rows else "samples"}
+    assert len(calls) > 2 and set(calls) == {"samples" if kind == "conv_groups2" else "rows"}
     for q in requests:
         tol = 0 if isinstance(q, (Hist1D, Hist2D)) else 1e-12
         torch.testing.assert_close(got[q], expected[q], rtol=tol, atol=tol, msg=f"{q}")
