@@ -671,6 +671,8 @@ class AffineFactor(Factor):
 
     def to_dense_rows(self, lo: int, hi: int) -> Tensor:
         """Build rows ``lo:hi`` of every ``G_n`` (one group only) as ``[N, hi − lo, *P[1:]]``."""
+        if self.groups != 1:
+            raise ValueError(f"rows of a grouped factor ({self.groups} groups) are not contiguous")
         a, b = self.a, self.b[..., lo:hi]
         if self.s == 1:
             g = b[:, :, 0, :, None] * a[:, :, 0, None, :]

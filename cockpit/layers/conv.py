@@ -231,8 +231,8 @@ class ConvFactor(AffineFactor):
         return ColumnConvFactor(self)
 
     def to_dense_rows(self, lo: int, hi: int) -> Tensor:  # noqa: D102
-        if not self._grouped_kernel():
-            return super().to_dense_rows(lo, hi)
+        if self.groups != 1 or not self._grouped_kernel():
+            return super().to_dense_rows(lo, hi)  # raises for groups > 1
         return self._per_sample_weight_grad(self.x, self.g[:, lo:hi])
 
     def reduce(  # noqa: D102

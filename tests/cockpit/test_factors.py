@@ -260,3 +260,9 @@ def test_one_conv_column_squares_in_sample_chunks_with_weights(monkeypatch):
     torch.testing.assert_close(column.sum_of_squares(w), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(column.sum_of_squares(), (dense**2).sum(0), rtol=1e-12, atol=1e-12)
     assert calls == [(0, 1), (1, 2), (2, 3)] * 2
+
+
+def test_rows_of_a_grouped_factor_are_refused():
+    factor = _chunk_case("conv_groups2")
+    with pytest.raises(ValueError, match="2 groups"):
+        factor.to_dense_rows(0, 2)
