@@ -298,14 +298,6 @@ def _outer_hist1d_all_edges(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
     65 small ops per layer). Here each row ``(r, o)`` searches all ``B − 1`` interior
     edges: ``R·O·(B − 1)`` binary searches, which a GPU does in parallel, in a fixed
     number of ops (chunked over samples to at most :data:`CHUNK_ELEMENTS` thresholds).
-
-    Args:
-        a: ``[R, I]`` finite.
-        b: ``[R, O]`` finite.
-        q: The histogram's bins and range.
-
-    Returns:
-        Float64 counts ``[B]``.
     """
     r_, i_ = a.shape
     o_ = b.shape[1]
@@ -342,10 +334,12 @@ def _outer_hist1d(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
     For row ``(r, o)`` the entries ``b[r,o] · a[r,:]`` are monotone in ``a[r,:]``, so
     with ``a[r]`` sorted the number of them below an edge ``e`` is one
     ``searchsorted`` of ``e / b[r,o]`` in ``a[r]`` (counting from the top for
-    ``b < 0``). Only the edges strictly inside the row's range ``[min, max]`` are
-    searched; a row inside one bin costs nothing beyond its range. A bin's count is
-    then a difference of two positions (telescoping over the row's edges). Agrees
-    with binning the materialized entries up to rounding at the bin edges.
+    ``b < 0``). A bin's count is then a difference of two positions (telescoping over
+    the edges). On the CPU only the edges strictly inside each row's range
+    ``[min, max]`` are searched (:func:`_outer_hist1d_sparse`: a row inside one bin
+    costs nothing beyond its range); on other devices every edge, without a host
+    synchronization (:func:`_outer_hist1d_all_edges`). Agrees with binning the
+    materialized entries up to rounding at the bin edges.
 
     Args:
         a: ``[R, I]`` finite.
@@ -355,6 +349,12 @@ def _outer_hist1d(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
     Returns:
         Float64 counts ``[B]``.
     """
+    count = _outer_hist1d_sparse if a.device.type == "cpu" else _outer_hist1d_all_edges
+    return count(a, b, q)
+
+
+def _outer_hist1d_sparse(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
+    """:func:`_outer_hist1d` searching only the edges inside each row's range (CPU)."""
     r_, i_ = a.shape
     bins, (low, high) = q.bins, q.range
     b64 = b.to(torch.float64)
@@ -661,8 +661,7 @@ class AffineFactor(Factor):
             if isinstance(q, SecondMoment):
                 return torch.einsum("ngo,ngi->goi", b1 * b1, a1 * a1).reshape(self.shape)
             if isinstance(q, Hist1D):
-                count = _outer_hist1d if a.device.type == "cpu" else _outer_hist1d_all_edges
-                return count(a1.reshape(-1, i), b1.reshape(-1, o), q)
+                return _outer_hist1d(a1.reshape(-1, i), b1.reshape(-1, o), q)
         if isinstance(q, BatchL2):
             bb = torch.einsum("ngso,ngto->ngst", b, b)
             aa = torch.einsum("ngsi,ngti->ngst", a, a)

@@ -67,11 +67,8 @@ def check_model(
     u = {k: torch.randn_like(p) for k, p in params.items()}
     qs = all_quantities(hist_scale)
     run = model if device is None else copy.deepcopy(model).to(device)
-    if device is None:
-        result = gather(model, loss_fn, x, y, qs, {"u": u})
-    else:
-        moved = {k: v.to(device) for k, v in u.items()}
-        result = gather(run, loss_fn, x.to(device), y.to(device), qs, {"u": moved})
+    to = (lambda t: t) if device is None else (lambda t: t.to(device))
+    result = gather(run, loss_fn, to(x), to(y), qs, {"u": {k: to(v) for k, v in u.items()}})
     ref = reference(model, loss_fn, x, y)
 
     def host(value):

@@ -63,7 +63,7 @@ def test_nan_is_not_counted_and_inf_is_clamped():
 @pytest.mark.parametrize(
     "low,high,bins", [(-2.0, 2.0, 100), (-1.3, 0.9, 37), (0.01, 0.2, 5), (-1.0, 1.0, 1)]
 )
-@pytest.mark.parametrize("count", ["_outer_hist1d", "_outer_hist1d_all_edges"])
+@pytest.mark.parametrize("count", ["_outer_hist1d_sparse", "_outer_hist1d_all_edges"])
 def test_outer_histogram_equals_materialized(scale, low, high, bins, count):
     """Sorted-input counting of outer products b aᵀ equals binning every entry.
 
