@@ -88,10 +88,6 @@ def _channels_last(t: Tensor, groups: int) -> Tensor:
 #: input: the unfolded patches cost S·C·K memory per sample, while the grouped kernel is
 #: slower than a batched matmul when S is small (measured on 3C3D / All-CNN-C shapes).
 GROUPED_MIN_POSITIONS = 64
-#: ... and at least this many input channels per group: with few channels (an RGB input
-#: layer) oneDNN's grouped kernel is erratic (0.2-4 s for 3C3D's first layer, N = 128)
-#: while the patches are small anyway.
-GROUPED_MIN_CHANNELS = 16
 
 
 def _weight_grad(
@@ -201,11 +197,7 @@ class ConvFactor(AffineFactor):
 
     def _grouped_kernel(self) -> bool:
         """Build per-sample gradients with the grouped weight-gradient convolution."""
-        return (
-            self.s >= GROUPED_MIN_POSITIONS
-            and self.shape[1] >= GROUPED_MIN_CHANNELS
-            and "a" not in self.__dict__
-        )
+        return self.s >= GROUPED_MIN_POSITIONS and "a" not in self.__dict__
 
     def _per_sample_weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
         """``[K, O', *P[1:]]`` from inputs ``[K, C_in, …]`` and output gradients ``[K, O', …]``."""

@@ -161,9 +161,10 @@ def _chunk_case(kind: str):
     "kind", ["affine_seq", "affine_s1", "conv_unfold", "conv_grouped", "conv_groups2"]
 )
 def test_chunked_materialization_equals_the_explicit_quantities(kind, pairs, monkeypatch):
-    """Per-sample gradients built in chunks of parameter rows (of samples for grouped
-    convolutions, which then cannot pair all samples) reduce to the same quantities as
-    the explicit ``[N, D]`` matrix."""
+    """Per-sample gradients built in chunks of parameter rows when samples are paired
+    (Gram matrix, ⟨g_n, ḡ⟩), of samples otherwise and for grouped convolutions (which
+    then cannot pair samples), reduce to the same quantities as the explicit ``[N, D]``
+    matrix."""
     from cockpit.quantities import (
         BatchDot,
         BatchL2,
@@ -207,10 +208,46 @@ def test_chunked_materialization_equals_the_explicit_quantities(kind, pairs, mon
             requests.remove(q)
             del expected[q]
     got = factor._materialized(requests, param, {"u": u})
-    assert len(calls) > 2 and set(calls) == {"samples" if kind == "conv_groups2" else "rows"}
+    chunks = "rows" if pairs and kind != "conv_groups2" else "samples"
+    assert len(calls) > 2 and set(calls) == {chunks}
     for q in requests:
         tol = 0 if isinstance(q, (Hist1D, Hist2D)) else 1e-12
         torch.testing.assert_close(got[q], expected[q], rtol=tol, atol=tol, msg=f"{q}")
+
+
+@pytest.mark.parametrize(
+    "kind", ["affine_seq", "affine_s1", "conv_unfold", "conv_grouped", "conv_groups2"]
+)
+def test_second_moment_squares_owned_chunks_last(kind, monkeypatch):
+    """Without a 1D histogram the second moment squares each owned chunk in place, so
+    it must come after every other quantity read off the same chunk."""
+    from cockpit.quantities import BatchL2, Projection, SecondMoment
+
+    factor = _chunk_case(kind)
+    dense = factor.to_dense()
+    n, shape = dense.shape[0], dense.shape[1:]
+    flat = dense.reshape(n, -1)
+    param = torch.randn(shape, dtype=torch.float64)
+    u = torch.randn(shape, dtype=torch.float64)
+    h2 = Hist2D(bins=(7, 5), range=((-3.0, 3.0), (-1.5, 1.5)))
+    gi = bin_index(flat, -3.0, 3.0, 7)
+    pi = bin_index(param.reshape(1, -1).expand_as(flat), -1.5, 1.5, 5)
+    expected = {
+        SecondMoment(): (flat**2).sum(0).view(shape),  # asked for first
+        BatchL2(): (flat**2).sum(1),
+        Projection("u"): flat @ u.reshape(-1),
+        h2: torch.bincount((gi * 5 + pi).reshape(-1), minlength=35).double().view(7, 5),
+    }
+    monkeypatch.setattr(factors, "CHUNK_ELEMENTS", 40)
+    if kind == "affine_s1":  # its own reduce would not build the entries
+        got = factors.DenseFactor(factor.to_dense(), owned=True).reduce(
+            list(expected), param, {"u": u}
+        )
+    else:
+        got = factor._materialized(list(expected), param, {"u": u})
+    for q, ref in expected.items():
+        tol = 0 if isinstance(q, Hist2D) else 1e-12
+        torch.testing.assert_close(got[q], ref, rtol=tol, atol=tol, msg=f"{q}")
 
 
 def test_long_index_arrays_are_counted_in_parallel_pieces(monkeypatch):
@@ -231,6 +268,54 @@ def test_long_index_arrays_are_counted_in_parallel_pieces(monkeypatch):
         torch.set_num_threads(threads)
     assert pieces and pieces[0] >= 2
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [1, 2, 101, 128])
+@pytest.mark.parametrize("start,stop", [(0, 6000), (0, 5999), (1, 6000), (1, 5999)])
+def test_pair_counting_equals_bincount(size, start, stop):
+    """Adjacent uint8 indices counted as one int16 pair, for odd lengths and offsets."""
+    torch.manual_seed(size)
+    idx = torch.randint(0, size, (6000,), dtype=torch.uint8)
+    idx[1000:3000] = size // 2  # crowded, as gradient entries are around zero
+    idx[-1] = size - 1  # the last entry is the odd one out for stop = 5999
+    piece = idx[start:stop]
+    torch.testing.assert_close(
+        factors._count_pairs(piece, size),
+        torch.bincount(piece, minlength=size),
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize(
+    "low,high,bins",
+    [
+        (-2.0, 2.0, 100),  # the default: int8 indices, counted in pairs
+        (-2.0, 2.0, 127),  # the widest int8 window
+        (0.5, 3.0, 7),  # the offset ioff is negative
+        (-300.0, -100.0, 100),  # ioff far beyond the int8 window: float offset
+        (-2.0, 2.0, 128),  # more bins than int8 holds
+        (-2.0, 2.0, 300),  # int16 indices
+    ],
+)
+def test_long_histograms_equal_explicit_binning(low, high, bins, monkeypatch):
+    """Histograms of arrays long enough for pair counting, with NaN and outliers."""
+    torch.manual_seed(bins)
+    mid, width = (low + high) / 2, high - low
+    x = torch.cat(
+        [
+            mid + torch.randn(50_000) * width / 300,  # crowded around the middle
+            mid + torch.randn(20_001) * width,  # outliers on both sides
+            torch.tensor([float("nan"), float("inf"), -float("inf"), low, high]),
+        ]
+    )
+    x = x[torch.randperm(x.numel())]
+    calls = []
+    pairs = factors._count_pairs
+    monkeypatch.setattr(factors, "_count_pairs", lambda *a: calls.append(1) or pairs(*a))
+    got = uniform_counts(x.clone(), low, high, bins, inplace=True)
+    torch.testing.assert_close(got, reference_counts(x, low, high, bins), rtol=0, atol=0)
+    assert bool(calls) == (bins < 128)
 
 
 @pytest.mark.parametrize("size", [1, 7, 101, 256])

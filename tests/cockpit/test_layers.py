@@ -68,7 +68,6 @@ def test_conv(dim, kw, path, monkeypatch):
     # individual gradients from one grouped weight-gradient conv, or unfolded patches
     threshold = 1 if path == "grouped" else 10**9
     monkeypatch.setattr(conv_rules, "GROUPED_MIN_POSITIONS", threshold)
-    monkeypatch.setattr(conv_rules, "GROUPED_MIN_CHANNELS", threshold)
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
     size = {1: (9,), 2: (7, 6), 3: (5, 6, 4)}[dim]
     kernel = {1: 3, 2: (3, 2), 3: (2, 3, 2)}[dim]
