@@ -1137,13 +1137,23 @@ class ColumnAffineFactor(ColumnFactor):
         return self._materialized_squares(w)
 
     def _materialized_squares(self, w: Tensor | None) -> Tensor:
-        """S > 1: build ``G[k, n]`` column by column in chunks of samples, square, sum.
+        """S > 1: build ``G[k, n]`` chunk by chunk, square, sum.
 
-        One batched matmul per column and chunk, ``b[k, n]ᵀ a[k, n]`` over the samples
-        (a side shared by all columns is read in place). Stacking the columns into one
-        matmul per sample needs ``b`` transposed to ``[N, K·O, S]`` first: that copy
-        cost more than the larger matmul saved (3C3D's convolutions with K = 10:
-        190/219/189 ms against 120/199/156 column by column).
+        On the CPU column by column (:meth:`_squares_by_column`); elsewhere with the
+        columns stacked into one matmul per sample (:meth:`_squares_stacked`: fewer,
+        larger kernels where each launch costs host time, and the transposing copy it
+        needs is cheap at GPU bandwidth; the form the CUDA figures were measured with).
+        """
+        if self.a.device.type == "cpu":
+            return self._squares_by_column(w)
+        return self._squares_stacked(w)
+
+    def _squares_by_column(self, w: Tensor | None) -> Tensor:
+        """One batched matmul per column and chunk of samples, the shared side read in place.
+
+        Stacking the columns needs ``b`` copied transposed to ``[N, K·O, S]`` first,
+        which on the CPU cost more than the larger matmul saved (3C3D's convolutions
+        with K = 10: 120/199/156 ms column by column against 190/219/189 stacked).
         """
         a, b = self.a, self.b
         k, n, groups, s = self.k, self.n, self.groups, self.s
@@ -1161,6 +1171,45 @@ class ColumnAffineFactor(ColumnFactor):
                 if w is not None:
                     sq *= w[col, n0:n1].view(m, 1, 1, 1)
                 total += sq.sum(0)
+        return total.reshape(self.shape)
+
+    def _squares_stacked(self, w: Tensor | None) -> Tensor:
+        """Chunks of columns and samples, the columns stacked into one matmul per sample."""
+        a, b = self.a, self.b
+        k, n, groups, s = self.k, self.n, self.groups, self.s
+        o, i = self._dims
+        per = max(1, groups * o * i)
+        kc = max(1, min(k, CHUNK_ELEMENTS // per))
+        nc = max(1, min(n, CHUNK_ELEMENTS // (per * kc)))
+        total = a.new_zeros(groups, o, i)
+        for k0 in range(0, k, kc):
+            k1 = min(k, k0 + kc)
+            for n0 in range(0, n, nc):
+                n1 = min(n, n0 + nc)
+                m, kk = n1 - n0, k1 - k0
+                wc = None if w is None else w[k0:k1, n0:n1].T  # [m, kk]
+                if a.shape[0] == 1:
+                    # shared inputs: one GEMM per (sample, group) over all columns
+                    bc = b[k0:k1, n0:n1].permute(1, 2, 0, 4, 3).reshape(m * groups, kk * o, s)
+                    ac = a[0, n0:n1].reshape(m * groups, s, i)
+                    sq = torch.bmm(bc, ac).view(m, groups, kk, o, i).square_()
+                    if wc is not None:
+                        sq *= wc[:, None, :, None, None]
+                    total += sq.sum((0, 2))
+                elif b.shape[0] == 1:
+                    # shared "output" side (transposed convolutions)
+                    ac = a[k0:k1, n0:n1].permute(1, 2, 3, 0, 4).reshape(m * groups, s, kk * i)
+                    bc = b[0, n0:n1].reshape(m * groups, s, o).transpose(1, 2)
+                    sq = torch.bmm(bc, ac).view(m, groups, o, kk, i).square_()
+                    if wc is not None:
+                        sq *= wc[:, None, None, :, None]
+                    total += sq.sum((0, 3))
+                else:
+                    g = torch.einsum("kngso,kngsi->kngoi", b[k0:k1, n0:n1], a[k0:k1, n0:n1])
+                    sq = g.square_()
+                    if wc is not None:
+                        sq *= wc.T[:, :, None, None, None]
+                    total += sq.sum((0, 1))
         return total.reshape(self.shape)
 
 

@@ -250,6 +250,30 @@ def test_second_moment_squares_owned_chunks_last(kind, monkeypatch):
         torch.testing.assert_close(got[q], ref, rtol=tol, atol=tol, msg=f"{q}")
 
 
+@pytest.mark.parametrize("form", ["_squares_by_column", "_squares_stacked"])
+@pytest.mark.parametrize("shared", ["a", "b", "neither"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_column_squares_equal_the_explicit_sum(form, shared, weighted, monkeypatch):
+    """Σ_k Σ_n w[k, n] G[k, n]² for K columns with S > 1, built in chunks either way
+    (column by column on the CPU, stacked elsewhere), equals the explicit sum."""
+    from cockpit.factors import ColumnAffineFactor
+
+    torch.manual_seed(11)
+    k, n, g, s, i, o = 3, 5, 2, 4, 6, 3  # two groups, S = 4 positions
+    a = torch.randn(1 if shared == "a" else k, n, g, s, i, dtype=torch.float64)
+    b = torch.randn(1 if shared == "b" else k, n, g, s, o, dtype=torch.float64)
+    w = torch.randn(k, n, dtype=torch.float64) if weighted else None
+    grads = torch.einsum(
+        "kngso,kngsi->kngoi", b.expand(k, -1, -1, -1, -1), a.expand(k, -1, -1, -1, -1)
+    )
+    weights = torch.ones(k, n, dtype=torch.float64) if w is None else w
+    expected = (weights[:, :, None, None, None] * grads**2).sum((0, 1)).reshape(g * o, i)
+    monkeypatch.setattr(factors, "CHUNK_ELEMENTS", 2 * g * o * i)  # two samples a chunk
+    factor = ColumnAffineFactor(a, b, (g * o, i))
+    got = getattr(factor, form)(w)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_long_index_arrays_are_counted_in_parallel_pieces(monkeypatch):
     torch.manual_seed(4)
     x = torch.cat([torch.randn(30_000) * 0.02, torch.randn(3_001) * 4])  # crowded bins
