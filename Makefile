@@ -6,12 +6,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean browser
+.PHONY: demo test lint bench clean browser compiler
 
 # The dashboard's browser tests drive Debian's Chromium (we are root on CI's fresh machine).
 browser:
 	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
 		(apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver)
+
+# The histogram kernels (cockpit/native.py) are compiled on first use; without a C
+# compiler they fall back to the slower torch path with a warning.
+compiler:
+	command -v cc >/dev/null || (apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,17 +24,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test,examples]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) compiler
 	$(BIN)/python -m examples.demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser compiler
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)
+bench: $(STAMP) compiler
 	$(BIN)/python -m benchmarks
 
 clean:

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cockpit import native
+from cockpit.native import bin_grid as _bin_grid
 from cockpit.quantities import (
     BatchDot,
     BatchL2,
@@ -81,24 +83,11 @@ CHUNK_ELEMENTS = 1 << 22
 #: materialized path was measured too (B, H200): 1D histogram 9.7x a plain step
 #: against 8.2x with the sparse sort path, so a sort path is used on every device.
 OUTER_HIST = True
-
-
-def _bin_grid(low: float, high: float, bins: int) -> tuple[float, float, int]:
-    """``(k, frac, ioff)`` with ``bin(x) = floor(x·k + frac) + ioff`` (before clamping).
-
-    Writing the affine map as a product plus an integer offset keeps the sign of
-    tiny values when 0 is an edge (``frac = 0``): ``(x − low)·k`` would round
-    ``x = −1e−9`` up onto the edge at 0 and count it one bin too high.
-    """
-    k = bins / (high - low)
-    off = -low * k
-    ioff = math.floor(off)
-    frac = off - ioff
-    if frac > 1.0 - 1e-12:  # ``off`` is an integer up to rounding
-        ioff, frac = ioff + 1, 0.0
-    elif frac < 1e-12:
-        frac = 0.0
-    return k, frac, ioff
+#: Histograms of float32/float64 values on the CPU are counted by the compiled kernels
+#: of :mod:`cockpit.native` (one pass per entry, no index array; the 2D histogram of
+#: an outer product without building it) where they could be built; ``False`` forces
+#: the torch path (tests compare the two, benchmarks measure both).
+NATIVE = True
 
 
 def bin_edges_of(low: float, high: float, bins: int, dtype=torch.float64) -> Tensor:
@@ -284,8 +273,10 @@ def uniform_counts(x: Tensor, low: float, high: float, bins: int, inplace: bool 
     """Histogram of all entries of ``x`` in ``bins`` equal bins on ``[low, high)``.
 
     Outliers are clamped into the edge bins (like :func:`bin_index`); NaN entries are
-    not counted. One pass per elementwise op over ``x`` with a uint8/int16 index
-    (4–8x less memory traffic than int64 indices).
+    not counted. On the CPU, the compiled kernel of :mod:`cockpit.native` bins and
+    counts in one pass (:data:`NATIVE`); otherwise one pass per elementwise op over
+    ``x`` with a uint8/int16 index (4–8x less memory traffic than int64 indices),
+    and the same counts.
 
     Args:
         x: Values, any shape.
@@ -303,6 +294,8 @@ def uniform_counts(x: Tensor, low: float, high: float, bins: int, inplace: bool 
         >>> uniform_counts(torch.tensor([-3.0, -0.5, 0.0, 0.25, float("nan")]), -1.0, 1.0, 4)
         tensor([1., 1., 2., 0.], dtype=torch.float64)
     """
+    if NATIVE and native.available(x):
+        return native.count1d(x, low, high, bins)[:bins].to(torch.float64)
     s, ioff = _unshifted_bins(x, low, high, bins, nan=bins, inplace=inplace)
     if x.device.type == "cpu" and bins < 128 and bins - 127 <= ioff <= 128:
         # every unshifted index fits int8, whose cast is 2x faster than uint8's
@@ -327,12 +320,33 @@ def _hist2d(grads: Tensor, param: Tensor, q: Hist2D) -> Tensor:
     (g_lo, g_hi), (p_lo, p_hi) = q.range
     bg, bp = q.bins
     size = (bg + 1) * bp
+    if NATIVE and native.available(grads):
+        pbin = _scaled_bins(param.to(grads.dtype), p_lo, p_hi, bp, nan=bp - 1).reshape(-1)
+        counts = native.count2d(grads.reshape(-1, pbin.numel()), pbin, g_lo, g_hi, bg, bp)
+        return counts[: bg * bp].to(torch.float64).view(bg, bp)
     dtype = _index_dtype(size)
     gi = _scaled_bins(grads, g_lo, g_hi, bg, nan=bg).to(dtype)
     pi = _scaled_bins(param.to(grads.dtype), p_lo, p_hi, bp, nan=bp - 1).to(dtype)
     flat = gi.mul_(bp).add_(pi).reshape(-1)
     counts = _count(flat, size)[: bg * bp]
     return counts.to(torch.float64).view(bg, bp)
+
+
+def _outer_hist2d(a: Tensor, b: Tensor, param: Tensor, q: Hist2D) -> Tensor:
+    """:func:`_hist2d` of the entries ``b[n, g, o] · a[n, g, i]`` (S = 1), never built.
+
+    ``a`` ``[N, G, I]``, ``b`` ``[N, G, O]``, ``param`` with ``G·O·I`` entries in
+    (group, output, input) order. Needs :mod:`cockpit.native`: each entry is formed
+    and binned in registers, the same float product the materialized path bins.
+    """
+    (g_lo, g_hi), (p_lo, p_hi) = q.range
+    bg, bp = q.bins
+    groups, o_, i_ = a.shape[1], b.shape[2], a.shape[2]
+    pbin = _scaled_bins(param.to(a.dtype), p_lo, p_hi, bp, nan=bp - 1).reshape(groups, o_ * i_)
+    counts = sum(
+        native.outer2d(a[:, g], b[:, g], pbin[g], g_lo, g_hi, bg, bp) for g in range(groups)
+    )
+    return counts[: bg * bp].to(torch.float64).view(bg, bp)
 
 
 def _sorted_rows(a: Tensor) -> Tensor:
@@ -678,7 +692,7 @@ class AffineFactor(Factor):
             cheap, rest = (), requests
         for q in requests:
             if isinstance(q, cheap):
-                out[q] = self._cheap(q, directions, out)
+                out[q] = self._cheap(q, param, directions, out)
         if rest:
             out.update(self._materialized(rest, param, directions))
         return out
@@ -693,13 +707,19 @@ class AffineFactor(Factor):
                 and bool(self.a.isfinite().all() & self.b.isfinite().all())
             ):
                 cheap += (Hist1D,)
+            if NATIVE and native.available(self.a, self.b):
+                cheap += (Hist2D,)
             return cheap
         if self._gram_cost() < self._materialize_cost():
             return (BatchL2, Projection)
         return (Projection,)
 
     def _cheap(
-        self, q: Quantity, directions: dict[str, Tensor | None], done: dict[Quantity, Tensor]
+        self,
+        q: Quantity,
+        param: Tensor,
+        directions: dict[str, Tensor | None],
+        done: dict[Quantity, Tensor],
     ) -> Tensor:
         a, b = self.a, self.b
         o, i = self._dims
@@ -725,6 +745,8 @@ class AffineFactor(Factor):
                 return torch.einsum("ngo,ngi->goi", b1 * b1, a1 * a1).reshape(self.shape)
             if isinstance(q, Hist1D):
                 return _outer_hist1d(a1.reshape(-1, i), b1.reshape(-1, o), q)
+            if isinstance(q, Hist2D):
+                return _outer_hist2d(a1, b1, param, q)
         if isinstance(q, BatchL2):
             bb = torch.einsum("ngso,ngto->ngst", b, b)
             aa = torch.einsum("ngsi,ngti->ngst", a, a)

@@ -1,0 +1,158 @@
+/* Histogram counting kernels for cockpit's CPU path (loaded by cockpit/native.py).
+ *
+ * Each kernel bins a block of values exactly as the torch path in cockpit/factors.py
+ * does, op for op in the value's own precision:
+ *
+ *     s = floor(x * k + frac)          (two roundings: built with -ffp-contract=off)
+ *     s = clamp(s, lo, hi)             (NaN stays NaN)
+ *     bin = (NaN ? nan_bin : s + ioff)
+ *
+ * and counts the block's bins into WAYS sub-histograms, so that runs of the same bin
+ * (gradient entries crowd around zero) do not wait on each other's increments. One
+ * pass over the values, no index array in memory: the torch path needs five
+ * elementwise passes and a bincount. Single-threaded: the caller splits the work
+ * over threads (ctypes releases the GIL) and adds up the counts.
+ *
+ * Build flags (cockpit/native.py): -ffp-contract=off keeps x * k + frac two roundings,
+ * as torch computes them; -fno-trapping-math lets the clamps vectorize (the values
+ * are the same, only floating-point exception flags are not preserved).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define BLOCK 512          /* values binned before they are counted */
+#define WAYS 4             /* sub-histograms */
+#define FLUSH (1L << 30)   /* values counted before the uint32 sub-histograms are flushed */
+
+static void count_block(const int32_t *idx, int64_t n, uint32_t *sub, int64_t size) {
+    int64_t i = 0;
+    for (; i + WAYS <= n; i += WAYS) {
+        sub[idx[i]]++;
+        sub[size + idx[i + 1]]++;
+        sub[2 * size + idx[i + 2]]++;
+        sub[3 * size + idx[i + 3]]++;
+    }
+    for (; i < n; i++) sub[idx[i]]++;
+}
+
+static void flush(uint32_t *sub, int64_t size, int64_t *counts) {
+    for (int64_t w = 0; w < WAYS; w++)
+        for (int64_t b = 0; b < size; b++) {
+            counts[b] += sub[w * size + b];
+            sub[w * size + b] = 0;
+        }
+}
+
+/* The bins of one value type T (float or double), for the three kernels below: plain
+ * (1D) and as the row of a 2D index, bin * bp + add[i]. int32 arithmetic vectorizes. */
+#define BINS(T)                                                                           \
+    static inline T bin_##T(T x, T k, T frac, T lo, T hi, T nan_s) {                      \
+        T s = floor##T(x * k + frac);                                                     \
+        s = s < lo ? lo : s; /* NaN compares false: stays NaN */                          \
+        s = s > hi ? hi : s;                                                              \
+        return s == s ? s : nan_s;                                                        \
+    }                                                                                     \
+    static inline void bins_##T(const T *restrict x, int64_t n, T k, T frac, T lo, T hi,  \
+                                int32_t ioff, int32_t nan_bin, int32_t *restrict out) {   \
+        const T nan_s = (T)(nan_bin - ioff);                                              \
+        for (int64_t i = 0; i < n; i++)                                                   \
+            out[i] = (int32_t)bin_##T(x[i], k, frac, lo, hi, nan_s) + ioff;               \
+    }                                                                                     \
+    static inline void bins2_##T(const T *restrict x, int64_t n, T k, T frac, T lo, T hi, \
+                                 int32_t ioff, int32_t nan_bin, int32_t bp,               \
+                                 const int32_t *restrict add, int32_t *restrict out) {    \
+        const T nan_s = (T)(nan_bin - ioff);                                              \
+        for (int64_t i = 0; i < n; i++)                                                   \
+            out[i] = ((int32_t)bin_##T(x[i], k, frac, lo, hi, nan_s) + ioff) * bp + add[i]; \
+    }                                                                                     \
+    static inline void scaled_##T(const T *restrict x, int64_t n, T factor, T *restrict out) { \
+        for (int64_t i = 0; i < n; i++) out[i] = factor * x[i];                           \
+    }
+
+#define floorfloat floorf
+#define floordouble floor
+BINS(float)
+BINS(double)
+
+/* counts[size] += the bins of x[0 : n] (size = bins + 1: the last counts NaN). */
+#define COUNT1D(T)                                                                        \
+    int cockpit_count1d_##T(const T *x, int64_t n, double k, double frac, double lo,      \
+                            double hi, int64_t ioff, int64_t size, int64_t *counts) {     \
+        uint32_t *sub = calloc((size_t)(WAYS * size), sizeof(uint32_t));                  \
+        int32_t buf[BLOCK];                                                               \
+        int64_t since = 0;                                                                \
+        if (!sub) return 1;                                                               \
+        for (int64_t start = 0; start < n; start += BLOCK) {                              \
+            int64_t m = n - start < BLOCK ? n - start : BLOCK;                            \
+            bins_##T(x + start, m, (T)k, (T)frac, (T)lo, (T)hi, ioff, size - 1, buf);       \
+            count_block(buf, m, sub, size);                                               \
+            if ((since += m) >= FLUSH) { flush(sub, size, counts); since = 0; }           \
+        }                                                                                 \
+        flush(sub, size, counts);                                                         \
+        free(sub);                                                                        \
+        return 0;                                                                         \
+    }
+
+/* 2D counts of (g[r, c], param bin pbin[c]) for r < rows, c < cols; row r starts at
+ * g + r * stride. Bin index (gradient bin) * bp + (param bin); the gradient's NaN bin
+ * is nan_bin (its row of the counts is dropped by the caller). counts has
+ * (nan_bin + 1) * bp entries. */
+#define COUNT2D(T)                                                                        \
+    int cockpit_count2d_##T(const T *g, int64_t rows, int64_t cols, int64_t stride,       \
+                            const int32_t *pbin, double k, double frac, double lo,        \
+                            double hi, int64_t ioff, int64_t nan_bin, int64_t bp,         \
+                            int64_t *counts) {                                            \
+        int64_t size = (nan_bin + 1) * bp;                                                \
+        uint32_t *sub = calloc((size_t)(WAYS * size), sizeof(uint32_t));                  \
+        int32_t buf[BLOCK];                                                               \
+        int64_t since = 0;                                                                \
+        if (!sub) return 1;                                                               \
+        for (int64_t r = 0; r < rows; r++)                                                \
+            for (int64_t c = 0; c < cols; c += BLOCK) {                                   \
+                int64_t m = cols - c < BLOCK ? cols - c : BLOCK;                          \
+                bins2_##T(g + r * stride + c, m, (T)k, (T)frac, (T)lo, (T)hi, ioff,       \
+                          nan_bin, bp, pbin + c, buf);                                    \
+                count_block(buf, m, sub, size);                                           \
+                if ((since += m) >= FLUSH) { flush(sub, size, counts); since = 0; }       \
+            }                                                                             \
+        flush(sub, size, counts);                                                         \
+        free(sub);                                                                        \
+        return 0;                                                                         \
+    }
+
+/* 2D counts of the outer products b[r, o] * a[r, i] (one parameter group: entry
+ * o * in + i, parameter bin pbin[o * in + i]) without building them; a is
+ * [rows, in], b [rows, out], both contiguous. Otherwise as cockpit_count2d. */
+#define OUTER2D(T)                                                                        \
+    int cockpit_outer2d_##T(const T *a, const T *b, int64_t rows, int64_t in,             \
+                            int64_t out, const int32_t *pbin, double k, double frac,      \
+                            double lo, double hi, int64_t ioff, int64_t nan_bin,          \
+                            int64_t bp, int64_t *counts) {                                \
+        int64_t size = (nan_bin + 1) * bp;                                                \
+        uint32_t *sub = calloc((size_t)(WAYS * size), sizeof(uint32_t));                  \
+        int32_t buf[BLOCK];                                                               \
+        T prod[BLOCK];                                                                    \
+        int64_t since = 0;                                                                \
+        if (!sub) return 1;                                                               \
+        for (int64_t r = 0; r < rows; r++)                                                \
+            for (int64_t o = 0; o < out; o++)                                             \
+                for (int64_t i = 0; i < in; i += BLOCK) {                                 \
+                    int64_t m = in - i < BLOCK ? in - i : BLOCK;                          \
+                    scaled_##T(a + r * in + i, m, b[r * out + o], prod);                  \
+                    bins2_##T(prod, m, (T)k, (T)frac, (T)lo, (T)hi, ioff, nan_bin, bp,    \
+                             pbin + o * in + i, buf);                                     \
+                    count_block(buf, m, sub, size);                                       \
+                    if ((since += m) >= FLUSH) { flush(sub, size, counts); since = 0; }   \
+                }                                                                         \
+        flush(sub, size, counts);                                                         \
+        free(sub);                                                                        \
+        return 0;                                                                         \
+    }
+
+COUNT1D(float)
+COUNT1D(double)
+COUNT2D(float)
+COUNT2D(double)
+OUTER2D(float)
+OUTER2D(double)

@@ -1,0 +1,332 @@
+"""Compiled histogram kernels for the CPU, built on first use with the system C compiler.
+
+Histograms of individual gradients touch every one of the N·D entries of a layer.
+The torch path (:func:`cockpit.factors.uniform_counts`) bins them in five
+elementwise passes and counts the index array with ``bincount``; the kernels in
+``_hist.c`` do both in one pass per entry, without an index array, and count the
+2D histogram of a Linear layer's outer products ``b_n a_nᵀ`` without building them.
+They bin op for op as the torch path does (same float ops in the value's precision),
+so both give the same counts; ``tests/cockpit/test_native.py`` checks that on edges,
+NaN, infinities and outliers.
+
+The shared library is compiled once per source, compiler and machine into
+``$COCKPIT_CACHE_DIR`` (default ``~/.cache/cockpit-live``) with ``$CC`` (default
+``cc``), in well under a second. Where that fails (no compiler, a read-only cache),
+one :class:`RuntimeWarning` says why and the torch path is used: same counts, slower.
+``COCKPIT_NATIVE=0`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "bin_grid", "count1d", "count2d", "library", "outer2d"]
+
+SOURCE = Path(__file__).with_name("_hist.c")
+#: Exactness needs every product and sum rounded on its own: no fused multiply-add.
+FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+#: Below this many entries a kernel runs on one thread.
+PARALLEL_MIN = 1 << 18
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its workers)
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _cpu_key() -> str:
+    """What the compiled code may depend on: architecture and (Linux) the CPU's flags."""
+    key = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    key += line
+                    break
+    except OSError:
+        pass
+    return key
+
+
+def _arch_flags() -> list[str]:
+    # built on (and keyed to) the machine that runs it: its own vector instructions
+    return ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or "cc"
+    compiler = shutil.which(cc)
+    if compiler is None:
+        raise RuntimeError(f"no C compiler {cc!r} on PATH (set $CC or install gcc)")
+    flags = FLAGS + _arch_flags()
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode()):
+        digest.update(part)
+    digest.update(_cpu_key().encode())
+    cache = Path(os.environ.get("COCKPIT_CACHE_DIR") or Path.home() / ".cache" / "cockpit-live")
+    lib = cache / f"hist-{digest.hexdigest()[:16]}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            run = subprocess.run(
+                [compiler, *flags, "-o", tmp, str(SOURCE), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if run.returncode != 0:
+                raise RuntimeError(f"{compiler} failed on {SOURCE}:\n{run.stderr.strip()}")
+            os.replace(tmp, lib)  # atomic: concurrent builders never load half a file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    dll = ctypes.CDLL(str(lib))
+    i64, f64, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+    for t in ("float", "double"):
+        fn = getattr(dll, f"cockpit_count1d_{t}")
+        fn.argtypes = [ptr, i64, f64, f64, f64, f64, i64, i64, ptr]
+        fn = getattr(dll, f"cockpit_count2d_{t}")
+        fn.argtypes = [ptr, i64, i64, i64, ptr, f64, f64, f64, f64, i64, i64, i64, ptr]
+        fn = getattr(dll, f"cockpit_outer2d_{t}")
+        fn.argtypes = [ptr, ptr, i64, i64, i64, ptr, f64, f64, f64, f64, i64, i64, i64, ptr]
+        for kind in ("count1d", "count2d", "outer2d"):
+            getattr(dll, f"cockpit_{kind}_{t}").restype = ctypes.c_int
+    return dll
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on the first call; ``None`` where they cannot be.
+
+    The first call that cannot build them warns once (:class:`RuntimeWarning`) with
+    the reason; ``COCKPIT_NATIVE=0`` turns them off without a warning.
+
+    Example:
+        >>> lib = library()  # a ctypes.CDLL, or None without a C compiler
+        >>> lib is None or hasattr(lib, "cockpit_count1d_float")
+        True
+    """
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("COCKPIT_NATIVE", "1") not in ("0", "false", "no", "off"):
+                try:
+                    _lib = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                    warnings.warn(
+                        "cockpit: the compiled histogram kernels could not be built, so "
+                        "histograms use the slower torch path (same counts): "
+                        f"{err}. Install a C compiler (e.g. gcc) or set COCKPIT_NATIVE=0 "
+                        "to silence this.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            _tried = True
+    return _lib
+
+
+def bin_grid(low: float, high: float, bins: int) -> tuple[float, float, int]:
+    """``(k, frac, ioff)`` with ``bin(x) = floor(x·k + frac) + ioff`` (before clamping).
+
+    Writing the affine map as a product plus an integer offset keeps the sign of
+    tiny values when 0 is an edge (``frac = 0``): ``(x − low)·k`` would round
+    ``x = −1e−9`` up onto the edge at 0 and count it one bin too high. Both the
+    kernels and the torch path (:func:`cockpit.factors.uniform_counts`) bin with it.
+
+    Example:
+        >>> bin_grid(-2.0, 2.0, 100)  # bin(x) = floor(25·x) + 50
+        (25.0, 0.0, 50)
+        >>> bin_grid(0.5, 3.0, 5)  # bin(x) = floor(2·x + 0) − 1
+        (2.0, 0.0, -1)
+    """
+    k = bins / (high - low)
+    off = -low * k
+    ioff = math.floor(off)
+    frac = off - ioff
+    if frac > 1.0 - 1e-12:  # ``off`` is an integer up to rounding
+        ioff, frac = ioff + 1, 0.0
+    elif frac < 1e-12:
+        frac = 0.0
+    return k, frac, ioff
+
+
+def available(*tensors: Tensor) -> bool:
+    """Whether the kernels can count these tensors: CPU, float32 or float64, and built.
+
+    Example:
+        >>> import torch
+        >>> available(torch.zeros(3)) == (library() is not None)
+        True
+        >>> available(torch.zeros(3, dtype=torch.float16)), available(torch.zeros(3, dtype=int))
+        (False, False)
+    """
+    return (
+        all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+        and len({t.dtype for t in tensors}) <= 1
+        and library() is not None
+    )
+
+
+def _threads(work: int, pieces: int) -> int:
+    if work < PARALLEL_MIN:
+        return 1
+    return max(1, min(torch.get_num_threads(), pieces))
+
+
+def _run(calls: list, size: int) -> Tensor:
+    """Run ``calls`` (each ``f(counts_ptr) -> status``) on threads; summed int64 counts.
+
+    The caller keeps the tensors whose pointers the calls hold alive until this returns.
+    """
+    global _pool
+    counts = torch.zeros(max(1, len(calls)), size, dtype=torch.int64)
+    jobs = [(call, counts[i].data_ptr()) for i, call in enumerate(calls)]
+    if len(jobs) <= 1:
+        status = [call(ptr) for call, ptr in jobs]
+    else:
+        if _pool is None or _pool[1] < len(jobs):
+            if _pool is not None:
+                _pool[0].shutdown(wait=False)
+            _pool = (ThreadPoolExecutor(len(jobs), thread_name_prefix="cockpit-hist"), len(jobs))
+        status = list(_pool[0].map(lambda job: job[0](job[1]), jobs))
+    if any(status):
+        raise MemoryError("cockpit: a histogram kernel could not allocate its counts")
+    return counts.sum(0)
+
+
+def _kernel(kind: str, x: Tensor):
+    lib = library()
+    if lib is None:
+        raise RuntimeError("cockpit: the compiled histogram kernels are not available")
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"cockpit: the kernels count CPU float32/float64, not {x.dtype} on {x.device}"
+        )
+    return getattr(lib, f"cockpit_{kind}_{'float' if x.dtype == torch.float32 else 'double'}")
+
+
+def _grid(low: float, high: float, bins: int) -> tuple[float, float, float, float, int]:
+    """Arguments of the kernels: ``k, frac``, the clamp bounds ``lo, hi`` and ``ioff``."""
+    k, frac, ioff = bin_grid(low, high, bins)
+    return k, frac, float(-ioff), float(bins - 1 - ioff), ioff
+
+
+def count1d(x: Tensor, low: float, high: float, bins: int) -> Tensor:
+    """Counts of the bins of all entries of ``x``: ``[bins + 1]`` int64, the last NaN.
+
+    Bins as :func:`cockpit.factors.bin_index` (equal bins on ``[low, high)``, outliers
+    clamped into the edge bins), in ``x``'s own precision.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([-3.0, -0.5, 0.0, 0.25, float("nan"), float("inf")])
+        >>> count1d(x, -1.0, 1.0, 4)  # bins [-1, -0.5), …, [0.5, 1), then NaN
+        tensor([1, 1, 2, 1, 1])
+    """
+    fn = _kernel("count1d", x)
+    flat = x.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    n = flat.numel()
+    pieces = flat.tensor_split(_threads(n, n))
+    calls = [
+        partial(fn, p.data_ptr(), p.numel(), *_grid(low, high, bins), bins + 1) for p in pieces
+    ]
+    return _run(calls, bins + 1)
+
+
+def count2d(g: Tensor, pbin: Tensor, low: float, high: float, bins: int, bp: int) -> Tensor:
+    """Counts of the pairs ``(bin(g[r, c]), pbin[c])`` of ``g`` ``[R, C]``: ``[(bins + 1)·bp]``.
+
+    Entry ``gradient bin · bp + pbin``; ``pbin`` ``[C]`` holds the parameter bins
+    (``0 … bp − 1``), the gradient bins are those of :func:`count1d`, NaN in the
+    last (``bins``). Rows may be strided.
+
+    Example:
+        >>> import torch
+        >>> g = torch.tensor([[-0.9, 0.2, 0.7], [0.1, float("nan"), -2.0]])  # N = 2, D = 3
+        >>> pbin = torch.tensor([0, 1, 1])  # the bin of θ_j on the parameter axis
+        >>> count2d(g, pbin, -1.0, 1.0, 2, bp=2).view(3, 2)  # [gradient bin, θ bin]
+        tensor([[1, 1],
+                [1, 2],
+                [0, 1]])
+    """
+    fn = _kernel("count2d", g)
+    g = g.detach()
+    if g.stride(1) != 1:
+        g = g.contiguous()
+    pbin = pbin.to(torch.int32).contiguous()
+    rows, cols = g.shape
+    n = _threads(rows * cols, max(rows, cols))
+    if rows >= n:  # split the rows, else the columns
+        parts = [(p, pbin) for p in g.tensor_split(n)]
+    else:
+        parts = list(zip(g.tensor_split(n, 1), pbin.tensor_split(n), strict=True))
+    grid = _grid(low, high, bins)
+    calls = [
+        partial(fn, p.data_ptr(), *p.shape, p.stride(0), pb.data_ptr(), *grid, bins, bp)
+        for p, pb in parts
+        if p.numel()
+    ]
+    return _run(calls, (bins + 1) * bp)
+
+
+def outer2d(
+    a: Tensor, b: Tensor, pbin: Tensor, low: float, high: float, bins: int, bp: int
+) -> Tensor:
+    """:func:`count2d` of the entries ``b[r, o] · a[r, i]`` (column ``o·I + i``), never built.
+
+    ``a`` ``[R, I]``, ``b`` ``[R, O]``, ``pbin`` ``[O·I]``. Each product is rounded to
+    the inputs' precision before it is binned, as building ``b[:, :, None] *
+    a[:, None, :]`` would.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.25, 0.5]])  # R = 1, I = O = 2
+        >>> pbin = torch.tensor([0, 0, 1, 1])  # entries (o, i): 0.25, −0.5, 0.5, −1
+        >>> outer2d(a, b, pbin, -1.0, 1.0, 2, bp=2).view(3, 2)
+        tensor([[1, 1],
+                [1, 1],
+                [0, 0]])
+    """
+    fn = _kernel("outer2d", a)
+    a, b = a.detach().contiguous(), b.detach().to(a.dtype).contiguous()
+    pbin = pbin.to(torch.int32).contiguous()
+    rows, i_ = a.shape
+    o_ = b.shape[1]
+    n = _threads(rows * i_ * o_, rows)
+    parts = list(zip(a.tensor_split(n), b.tensor_split(n), strict=True))
+    grid = _grid(low, high, bins)
+    calls = [
+        partial(fn, pa.data_ptr(), pb.data_ptr(), len(pa), i_, o_, pbin.data_ptr(), *grid, bins, bp)
+        for pa, pb in parts
+        if len(pa)
+    ]
+    return _run(calls, (bins + 1) * bp)
