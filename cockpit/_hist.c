@@ -150,8 +150,49 @@ BINS(double)
         return 0;                                                                         \
     }
 
+/* 1D counts of the outer products b[r, o] * s[r, i] from rows s sorted ascending, all
+ * finite: the bins of a row's entries are monotone in s (every op of the binning is
+ * monotone), so each run of one bin is found by a binary search that evaluates the
+ * exact binning at its probes. Equal to binning every entry, at the cost of one
+ * search per distinct bin of a row instead of one binning per entry. counts has
+ * size = bins + 1 entries (the last, NaN, stays 0). */
+#define OUTER1D(T)                                                                        \
+    int cockpit_outer1d_##T(const T *s, const T *b, int64_t rows, int64_t in, int64_t out, \
+                            double k, double frac, double lo, double hi, int64_t ioff,    \
+                            int64_t size, int64_t *counts) {                              \
+        const T k_ = (T)k, f_ = (T)frac, lo_ = (T)lo, hi_ = (T)hi;                        \
+        const T nan_s = (T)(size - 1 - ioff);                                             \
+        if (in == 0) return 0;                                                            \
+        for (int64_t r = 0; r < rows; r++) {                                              \
+            const T *row = s + r * in;                                                    \
+            for (int64_t o = 0; o < out; o++) {                                           \
+                const T bo = b[r * out + o];                                              \
+                int64_t pos = 0;                                                          \
+                T bin = bin_##T(bo * row[0], k_, f_, lo_, hi_, nan_s);                    \
+                const T last = bin_##T(bo * row[in - 1], k_, f_, lo_, hi_, nan_s);        \
+                while (bin != last) {                                                     \
+                    int64_t lo_j = pos + 1, hi_j = in - 1; /* row[in - 1] is past bin */ \
+                    while (lo_j < hi_j) {                                                 \
+                        int64_t mid = lo_j + (hi_j - lo_j) / 2;                           \
+                        if (bin_##T(bo * row[mid], k_, f_, lo_, hi_, nan_s) != bin)       \
+                            hi_j = mid;                                                   \
+                        else                                                              \
+                            lo_j = mid + 1;                                               \
+                    }                                                                     \
+                    counts[(int64_t)bin + ioff] += lo_j - pos;                            \
+                    pos = lo_j;                                                           \
+                    bin = bin_##T(bo * row[pos], k_, f_, lo_, hi_, nan_s);                \
+                }                                                                         \
+                counts[(int64_t)last + ioff] += in - pos;                                 \
+            }                                                                             \
+        }                                                                                 \
+        return 0;                                                                         \
+    }
+
 COUNT1D(float)
 COUNT1D(double)
+OUTER1D(float)
+OUTER1D(double)
 COUNT2D(float)
 COUNT2D(double)
 OUTER2D(float)

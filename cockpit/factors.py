@@ -406,11 +406,14 @@ def _outer_hist1d(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
     with ``a[r]`` sorted the number of them below an edge ``e`` is one
     ``searchsorted`` of ``e / b[r,o]`` in ``a[r]`` (counting from the top for
     ``b < 0``). A bin's count is then a difference of two positions (telescoping over
-    the edges). On the CPU only the edges strictly inside each row's range
-    ``[min, max]`` are searched (:func:`_outer_hist1d_sparse`: a row inside one bin
-    costs nothing beyond its range); on other devices every edge, without a host
-    synchronization (:func:`_outer_hist1d_all_edges`). Agrees with binning the
-    materialized entries up to rounding at the bin edges.
+    the edges). On the CPU the compiled kernel (:func:`cockpit.native.outer1d`)
+    searches each row for the runs of its bins, binning every probe exactly as an
+    entry is binned: equal to binning the materialized entries. Without it, only the
+    edges strictly inside each row's range ``[min, max]`` are searched
+    (:func:`_outer_hist1d_sparse`: a row inside one bin costs nothing beyond its
+    range); on other devices every edge, without a host synchronization
+    (:func:`_outer_hist1d_all_edges`). These two agree with binning the materialized
+    entries up to rounding at the bin edges.
 
     Args:
         a: ``[R, I]`` finite.
@@ -420,6 +423,9 @@ def _outer_hist1d(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
     Returns:
         Float64 counts ``[B]``.
     """
+    if NATIVE and native.available(a, b):
+        counts = native.outer1d(_sorted_rows(a), b, q.range[0], q.range[1], q.bins)
+        return counts[: q.bins].to(torch.float64)
     count = _outer_hist1d_sparse if a.device.type == "cpu" else _outer_hist1d_all_edges
     return count(a, b, q)
 

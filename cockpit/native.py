@@ -35,7 +35,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "bin_grid", "count1d", "count2d", "library", "outer2d"]
+__all__ = [
+    "available",
+    "bin_grid",
+    "count1d",
+    "count2d",
+    "library",
+    "outer1d",
+    "outer2d",
+]
 
 SOURCE = Path(__file__).with_name("_hist.c")
 #: Exactness needs every product and sum rounded on its own: no fused multiply-add.
@@ -115,7 +123,9 @@ def _build() -> ctypes.CDLL:
         fn.argtypes = [ptr, i64, i64, i64, ptr, f64, f64, f64, f64, i64, i64, i64, ptr]
         fn = getattr(dll, f"cockpit_outer2d_{t}")
         fn.argtypes = [ptr, ptr, i64, i64, i64, ptr, f64, f64, f64, f64, i64, i64, i64, ptr]
-        for kind in ("count1d", "count2d", "outer2d"):
+        fn = getattr(dll, f"cockpit_outer1d_{t}")
+        fn.argtypes = [ptr, ptr, i64, i64, i64, f64, f64, f64, f64, i64, i64, ptr]
+        for kind in ("count1d", "count2d", "outer1d", "outer2d"):
             getattr(dll, f"cockpit_{kind}_{t}").restype = ctypes.c_int
     return dll
 
@@ -296,6 +306,38 @@ def count2d(g: Tensor, pbin: Tensor, low: float, high: float, bins: int, bp: int
         if p.numel()
     ]
     return _run(calls, (bins + 1) * bp)
+
+
+def outer1d(sorted_a: Tensor, b: Tensor, low: float, high: float, bins: int) -> Tensor:
+    """:func:`count1d` of the entries ``b[r, o] · a[r, i]`` from ``a``'s rows sorted ascending.
+
+    ``sorted_a`` ``[R, I]`` (each row ascending), ``b`` ``[R, O]``, both finite. The
+    bins of row ``(r, o)``'s entries are monotone along the sorted ``a[r]`` (each
+    step of the binning is monotone, rounding included), so each run of one bin is
+    found by a binary search that bins its probes exactly as :func:`count1d` bins an
+    entry: the same counts as building and binning the ``R·O·I`` entries, at the cost
+    of a few searches per row.
+
+    Example:
+        >>> import torch
+        >>> a = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])  # sorted
+        >>> b = torch.tensor([[0.5, -1.0]])  # entries −0.5, 0, 0.25, 1 and 1, −0, −0.5, −2
+        >>> outer1d(a, b, -1.0, 1.0, 4)  # bins [-1, -0.5), …, [0.5, 1) (clamped), NaN
+        tensor([1, 2, 3, 2, 0])
+    """
+    fn = _kernel("outer1d", sorted_a)
+    a, b = sorted_a.detach().contiguous(), b.detach().to(sorted_a.dtype).contiguous()
+    rows, i_ = a.shape
+    o_ = b.shape[1]
+    n = _threads(rows * o_ * 64, rows)  # a few searches per row, not one binning per entry
+    parts = list(zip(a.tensor_split(n), b.tensor_split(n), strict=True))
+    grid = _grid(low, high, bins)
+    calls = [
+        partial(fn, pa.data_ptr(), pb.data_ptr(), len(pa), i_, o_, *grid, bins + 1)
+        for pa, pb in parts
+        if len(pa)
+    ]
+    return _run(calls, bins + 1)
 
 
 def outer2d(

@@ -160,6 +160,36 @@ def test_outer_2d_counts_equal_the_materialized_entries(
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("low,high,bins", RANGES)
+def test_outer_1d_counts_equal_the_materialized_entries(
+    dtype, low, high, bins, two_threads, monkeypatch
+):
+    """Sorted-row searches bin their probes exactly: products on edges, zeros, outliers."""
+    g = torch.Generator().manual_seed(bins)
+    rows, i_, o_ = 600, 97, 11
+    a = torch.relu(torch.randn(rows, i_, generator=g, dtype=torch.float64)).to(dtype)
+    a[:, :5] = torch.randn(rows, 5, generator=g, dtype=dtype)  # negative inputs too
+    a[7] = 0.0  # an all-zero input
+    edges = bin_edges_of(low, high, bins, dtype=dtype)
+    a[0, : edges.numel()] = 2 * edges[:i_]  # b = 0.5 puts these products exactly on edges
+    width = (high - low) / bins
+    b = torch.randn(rows, o_, generator=g, dtype=torch.float64).to(dtype) * 5 * width
+    b[0, 0], b[1, :3], b[2] = 0.5, 0.0, -b[2].abs()
+    b[3, 0] = 1e3  # every entry of that row clamped or spread over every bin
+    native_counts = native.outer1d(a.sort(1).values, b, low, high, bins)
+    assert native_counts[-1] == 0 and native_counts.sum() == rows * i_ * o_
+    entries = (b[:, :, None] * a[:, None, :]).reshape(-1)  # the same float products
+    expected = torch_path(factors.uniform_counts, entries, low, high, bins)
+    torch.testing.assert_close(native_counts[:bins].double(), expected, rtol=0, atol=0)
+    calls = []
+    real = native.outer1d
+    monkeypatch.setattr(native, "outer1d", lambda *args: calls.append(1) or real(*args))
+    got = factors._outer_hist1d(a, b, Hist1D(bins=bins, range=(low, high)))
+    assert calls, "the factors' outer histogram runs on the kernel"
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
