@@ -170,7 +170,7 @@ BINS(double)
                 int64_t pos = 0;                                                          \
                 T bin = bin_##T(bo * row[0], k_, f_, lo_, hi_, nan_s);                    \
                 const T last = bin_##T(bo * row[in - 1], k_, f_, lo_, hi_, nan_s);        \
-                while (bin != last) {                                                     \
+                while (bin != last && pos < in - 1) {                                     \
                     int64_t lo_j = pos + 1, hi_j = in - 1; /* row[in - 1] is past bin */ \
                     while (lo_j < hi_j) {                                                 \
                         int64_t mid = lo_j + (hi_j - lo_j) / 2;                           \

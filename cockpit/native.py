@@ -242,8 +242,19 @@ def _kernel(kind: str, x: Tensor):
     return getattr(lib, f"cockpit_{kind}_{'float' if x.dtype == torch.float32 else 'double'}")
 
 
+def _param_bins(pbin: Tensor, columns: int, bp: int, kernel: str) -> Tensor:
+    """``pbin`` as contiguous int32, checked: the kernels index their counts with it."""
+    if pbin.numel() != columns:
+        raise ValueError(f"cockpit.native.{kernel}: pbin has {pbin.numel()} entries, not {columns}")
+    if columns and not (0 <= int(pbin.min()) and int(pbin.max()) < bp):
+        raise ValueError(f"cockpit.native.{kernel}: parameter bins must lie in 0 … {bp - 1}")
+    return pbin.reshape(-1).to(torch.int32).contiguous()
+
+
 def _grid(low: float, high: float, bins: int) -> tuple[float, float, float, float, int]:
     """Arguments of the kernels: ``k, frac``, the clamp bounds ``lo, hi`` and ``ioff``."""
+    if not (math.isfinite(low) and math.isfinite(high) and low < high and bins >= 1):
+        raise ValueError(f"cockpit.native: bad bins {bins} on [{low}, {high})")
     k, frac, ioff = bin_grid(low, high, bins)
     return k, frac, float(-ioff), float(bins - 1 - ioff), ioff
 
@@ -292,7 +303,7 @@ def count2d(g: Tensor, pbin: Tensor, low: float, high: float, bins: int, bp: int
     g = g.detach()
     if g.stride(1) != 1:
         g = g.contiguous()
-    pbin = pbin.to(torch.int32).contiguous()
+    pbin = _param_bins(pbin, g.shape[1], bp, "count2d")
     rows, cols = g.shape
     n = _threads(rows * cols, max(rows, cols))
     if rows >= n:  # split the rows, else the columns
@@ -327,6 +338,8 @@ def outer1d(sorted_a: Tensor, b: Tensor, low: float, high: float, bins: int) -> 
     """
     fn = _kernel("outer1d", sorted_a)
     a, b = sorted_a.detach().contiguous(), b.detach().to(sorted_a.dtype).contiguous()
+    if a.shape[0] != b.shape[0] or not bool(a.isfinite().all() & b.isfinite().all()):
+        raise ValueError("cockpit.native.outer1d: needs finite a [R, I] and b [R, O]")
     rows, i_ = a.shape
     o_ = b.shape[1]
     n = _threads(rows * o_ * 64, rows)  # a few searches per row, not one binning per entry
@@ -360,7 +373,9 @@ def outer2d(
     """
     fn = _kernel("outer2d", a)
     a, b = a.detach().contiguous(), b.detach().to(a.dtype).contiguous()
-    pbin = pbin.to(torch.int32).contiguous()
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"cockpit.native.outer2d: a has {a.shape[0]} rows, b {b.shape[0]}")
+    pbin = _param_bins(pbin, a.shape[1] * b.shape[1], bp, "outer2d")
     rows, i_ = a.shape
     o_ = b.shape[1]
     n = _threads(rows * i_ * o_, rows)

@@ -190,6 +190,23 @@ def test_outer_1d_counts_equal_the_materialized_entries(
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_bad_arguments_are_refused_before_any_count():
+    """The kernels index their counts with the parameter bins: never out of range."""
+    g, a, b = torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="parameter bins must lie in 0 … 4"):
+        native.count2d(g, torch.tensor([0, 5, 1]), -1.0, 1.0, 4, 5)
+    with pytest.raises(ValueError, match="pbin has 2 entries, not 3"):
+        native.count2d(g, torch.tensor([0, 1]), -1.0, 1.0, 4, 5)
+    with pytest.raises(ValueError, match="parameter bins must lie in 0 … 1"):
+        native.outer2d(a, b, torch.full((12,), -1), -1.0, 1.0, 4, 2)
+    with pytest.raises(ValueError, match="needs finite"):
+        native.outer1d(a, b.fill_(float("nan")), -1.0, 1.0, 4)
+    with pytest.raises(ValueError, match="bad bins 0"):
+        native.count1d(g, -1.0, 1.0, 0)
+    with pytest.raises(TypeError, match="not torch.int64"):
+        native.count1d(torch.zeros(3, dtype=torch.int64), -1.0, 1.0, 4)
+
+
 def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
