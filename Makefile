@@ -16,7 +16,8 @@ browser:
 # The histogram kernels (cockpit/native.py) are compiled on first use; without a C
 # compiler they fall back to the slower torch path with a warning.
 compiler:
-	command -v cc >/dev/null || (apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev)
+	command -v cc >/dev/null || (apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev) || \
+		echo "no C compiler: histograms will use the slower torch path (cockpit/native.py)" >&2
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
