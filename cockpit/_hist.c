@@ -44,6 +44,35 @@ static void flush(uint32_t *sub, int64_t size, int64_t *counts) {
         }
 }
 
+/* Counts of `size` bins, added to the caller's int64 counts when closed. */
+typedef struct {
+    uint32_t *sub;
+    int64_t size, since;
+    int64_t *counts;
+} counter_t;
+
+static int counter_open(counter_t *c, int64_t size, int64_t *counts) {
+    c->sub = calloc((size_t)(WAYS * size), sizeof(uint32_t));
+    c->size = size;
+    c->since = 0;
+    c->counts = counts;
+    return c->sub == NULL;
+}
+
+static void counter_add(counter_t *c, const int32_t *idx, int64_t n) {
+    count_block(idx, n, c->sub, c->size);
+    if ((c->since += n) >= FLUSH) {
+        flush(c->sub, c->size, c->counts);
+        c->since = 0;
+    }
+}
+
+static int counter_close(counter_t *c) {
+    flush(c->sub, c->size, c->counts);
+    free(c->sub);
+    return 0;
+}
+
 /* The bins of one value type T (float or double), for the three kernels below: plain
  * (1D) and as the row of a 2D index, bin * bp + add[i]. int32 arithmetic vectorizes. */
 #define BINS(T)                                                                           \
@@ -79,19 +108,15 @@ BINS(double)
 #define COUNT1D(T)                                                                        \
     int cockpit_count1d_##T(const T *x, int64_t n, double k, double frac, double lo,      \
                             double hi, int64_t ioff, int64_t size, int64_t *counts) {     \
-        uint32_t *sub = calloc((size_t)(WAYS * size), sizeof(uint32_t));                  \
+        counter_t cnt;                                                                    \
         int32_t buf[BLOCK];                                                               \
-        int64_t since = 0;                                                                \
-        if (!sub) return 1;                                                               \
+        if (counter_open(&cnt, size, counts)) return 1;                                   \
         for (int64_t start = 0; start < n; start += BLOCK) {                              \
             int64_t m = n - start < BLOCK ? n - start : BLOCK;                            \
             bins_##T(x + start, m, (T)k, (T)frac, (T)lo, (T)hi, ioff, size - 1, buf);       \
-            count_block(buf, m, sub, size);                                               \
-            if ((since += m) >= FLUSH) { flush(sub, size, counts); since = 0; }           \
+            counter_add(&cnt, buf, m);                                                    \
         }                                                                                 \
-        flush(sub, size, counts);                                                         \
-        free(sub);                                                                        \
-        return 0;                                                                         \
+        return counter_close(&cnt);                                                       \
     }
 
 /* 2D counts of (g[r, c], param bin pbin[c]) for r < rows, c < cols; row r starts at
@@ -104,21 +129,17 @@ BINS(double)
                             double hi, int64_t ioff, int64_t nan_bin, int64_t bp,         \
                             int64_t *counts) {                                            \
         int64_t size = (nan_bin + 1) * bp;                                                \
-        uint32_t *sub = calloc((size_t)(WAYS * size), sizeof(uint32_t));                  \
+        counter_t cnt;                                                                    \
         int32_t buf[BLOCK];                                                               \
-        int64_t since = 0;                                                                \
-        if (!sub) return 1;                                                               \
+        if (counter_open(&cnt, size, counts)) return 1;                                   \
         for (int64_t r = 0; r < rows; r++)                                                \
             for (int64_t c = 0; c < cols; c += BLOCK) {                                   \
                 int64_t m = cols - c < BLOCK ? cols - c : BLOCK;                          \
                 bins2_##T(g + r * stride + c, m, (T)k, (T)frac, (T)lo, (T)hi, ioff,       \
                           nan_bin, bp, pbin + c, buf);                                    \
-                count_block(buf, m, sub, size);                                           \
-                if ((since += m) >= FLUSH) { flush(sub, size, counts); since = 0; }       \
+                counter_add(&cnt, buf, m);                                                \
             }                                                                             \
-        flush(sub, size, counts);                                                         \
-        free(sub);                                                                        \
-        return 0;                                                                         \
+        return counter_close(&cnt);                                                       \
     }
 
 /* 2D counts of the outer products b[r, o] * a[r, i] (one parameter group: entry
@@ -130,11 +151,10 @@ BINS(double)
                             double lo, double hi, int64_t ioff, int64_t nan_bin,          \
                             int64_t bp, int64_t *counts) {                                \
         int64_t size = (nan_bin + 1) * bp;                                                \
-        uint32_t *sub = calloc((size_t)(WAYS * size), sizeof(uint32_t));                  \
+        counter_t cnt;                                                                    \
         int32_t buf[BLOCK];                                                               \
         T prod[BLOCK];                                                                    \
-        int64_t since = 0;                                                                \
-        if (!sub) return 1;                                                               \
+        if (counter_open(&cnt, size, counts)) return 1;                                   \
         for (int64_t r = 0; r < rows; r++)                                                \
             for (int64_t o = 0; o < out; o++)                                             \
                 for (int64_t i = 0; i < in; i += BLOCK) {                                 \
@@ -142,12 +162,9 @@ BINS(double)
                     scaled_##T(a + r * in + i, m, b[r * out + o], prod);                  \
                     bins2_##T(prod, m, (T)k, (T)frac, (T)lo, (T)hi, ioff, nan_bin, bp,    \
                              pbin + o * in + i, buf);                                     \
-                    count_block(buf, m, sub, size);                                       \
-                    if ((since += m) >= FLUSH) { flush(sub, size, counts); since = 0; }   \
+                    counter_add(&cnt, buf, m);                                            \
                 }                                                                         \
-        flush(sub, size, counts);                                                         \
-        free(sub);                                                                        \
-        return 0;                                                                         \
+        return counter_close(&cnt);                                                       \
     }
 
 /* 1D counts of the outer products b[r, o] * s[r, i] from rows s sorted ascending, all

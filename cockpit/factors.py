@@ -30,9 +30,7 @@ O output features, P parameter shape, D = prod(P), B bins.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -171,16 +169,6 @@ def bin_index(x: Tensor, low: float, high: float, bins: int) -> Tensor:
 #: (``torch.bincount`` runs on one core; the weight-gradient kernels it sits between
 #: use them all).
 PARALLEL_COUNT_MIN = 1 << 20
-_count_pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its workers)
-
-
-def _forget_count_pool() -> None:  # a forked child has none of the parent's threads
-    global _count_pool
-    _count_pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_count_pool)
 
 
 def _count(idx: Tensor, size: int) -> Tensor:
@@ -206,13 +194,8 @@ def _bincount(idx: Tensor, size: int) -> Tensor:
     threads = torch.get_num_threads()
     if threads < 2 or idx.numel() < PARALLEL_COUNT_MIN:
         return torch.bincount(idx, minlength=size)
-    global _count_pool
-    if _count_pool is None or _count_pool[1] < threads:  # more threads since: a wider pool
-        if _count_pool is not None:
-            _count_pool[0].shutdown(wait=False)
-        _count_pool = (ThreadPoolExecutor(threads, thread_name_prefix="cockpit-count"), threads)
     pieces = idx.tensor_split(threads)
-    counts = _count_pool[0].map(lambda piece: torch.bincount(piece, minlength=size), pieces)
+    counts = native.pool(threads).map(lambda piece: torch.bincount(piece, minlength=size), pieces)
     return torch.stack(list(counts)).sum(0)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "library",
     "outer1d",
     "outer2d",
+    "pool",
 ]
 
 SOURCE = Path(__file__).with_name("_hist.c")
@@ -64,6 +65,28 @@ def _forget_pool() -> None:  # a forked child has none of the parent's threads
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
+
+
+def pool(workers: int) -> ThreadPoolExecutor:
+    """The worker threads that histogram counting runs on, at least ``workers`` of them.
+
+    Created on first use and widened when more are asked for (a forked child starts
+    without one). Both the kernels and the torch path's threaded ``bincount``
+    (:func:`cockpit.factors._bincount`) release the GIL while they count.
+
+    Example:
+        >>> list(pool(2).map(abs, [-1, 2, -3]))
+        [1, 2, 3]
+        >>> pool(1) is pool(2)  # wide enough already
+        True
+    """
+    global _pool
+    with _lock:
+        if _pool is None or _pool[1] < workers:
+            if _pool is not None:
+                _pool[0].shutdown(wait=False)
+            _pool = (ThreadPoolExecutor(workers, thread_name_prefix="cockpit-count"), workers)
+        return _pool[0]
 
 
 def _cpu_key() -> str:
@@ -215,17 +238,12 @@ def _run(calls: list, size: int) -> Tensor:
 
     The caller keeps the tensors whose pointers the calls hold alive until this returns.
     """
-    global _pool
     counts = torch.zeros(max(1, len(calls)), size, dtype=torch.int64)
     jobs = [(call, counts[i].data_ptr()) for i, call in enumerate(calls)]
     if len(jobs) <= 1:
         status = [call(ptr) for call, ptr in jobs]
     else:
-        if _pool is None or _pool[1] < len(jobs):
-            if _pool is not None:
-                _pool[0].shutdown(wait=False)
-            _pool = (ThreadPoolExecutor(len(jobs), thread_name_prefix="cockpit-hist"), len(jobs))
-        status = list(_pool[0].map(lambda job: job[0](job[1]), jobs))
+        status = list(pool(len(jobs)).map(lambda job: job[0](job[1]), jobs))
     if any(status):
         raise MemoryError("cockpit: a histogram kernel could not allocate its counts")
     return counts.sum(0)
