@@ -37,6 +37,7 @@ static void count_block(const int32_t *idx, int64_t n, uint32_t *sub, int64_t si
 }
 
 static void flush(uint32_t *sub, int64_t size, int64_t *counts) {
+    _Pragma("omp critical(cockpit_counts)")
     for (int64_t w = 0; w < WAYS; w++)
         for (int64_t b = 0; b < size; b++) {
             counts[b] += sub[w * size + b];
@@ -68,6 +69,7 @@ static void counter_add(counter_t *c, const int32_t *idx, int64_t n) {
 }
 
 static int counter_close(counter_t *c) {
+    if (!c->sub) return 1;
     flush(c->sub, c->size, c->counts);
     free(c->sub);
     return 0;
@@ -107,16 +109,25 @@ BINS(double)
 /* counts[size] += the bins of x[0 : n] (size = bins + 1: the last counts NaN). */
 #define COUNT1D(T)                                                                        \
     int cockpit_count1d_##T(const T *x, int64_t n, double k, double frac, double lo,      \
-                            double hi, int64_t ioff, int64_t size, int64_t *counts) {     \
-        counter_t cnt;                                                                    \
-        int32_t buf[BLOCK];                                                               \
-        if (counter_open(&cnt, size, counts)) return 1;                                   \
-        for (int64_t start = 0; start < n; start += BLOCK) {                              \
-            int64_t m = n - start < BLOCK ? n - start : BLOCK;                            \
-            bins_##T(x + start, m, (T)k, (T)frac, (T)lo, (T)hi, ioff, size - 1, buf);       \
-            counter_add(&cnt, buf, m);                                                    \
+                            double hi, int64_t ioff, int64_t size, int64_t *counts,       \
+                            int threads) {                                                \
+        int fail = 0;                                                                     \
+        const int64_t blocks = (n + BLOCK - 1) / BLOCK;                                   \
+        _Pragma("omp parallel num_threads(threads) reduction(|:fail)") {                  \
+            counter_t cnt;                                                                \
+            int32_t buf[BLOCK];                                                           \
+            counter_open(&cnt, size, counts);                                             \
+            _Pragma("omp for schedule(static)")                                           \
+            for (int64_t blk = 0; blk < blocks; blk++) {                                  \
+                const int64_t start = blk * BLOCK;                                        \
+                const int64_t m = n - start < BLOCK ? n - start : BLOCK;                  \
+                if (!cnt.sub) continue;                                                   \
+                bins_##T(x + start, m, (T)k, (T)frac, (T)lo, (T)hi, ioff, size - 1, buf);   \
+                counter_add(&cnt, buf, m);                                                \
+            }                                                                             \
+            fail |= counter_close(&cnt);                                                  \
         }                                                                                 \
-        return counter_close(&cnt);                                                       \
+        return fail;                                                                      \
     }
 
 /* 2D counts of (g[r, c], param bin pbin[c]) for r < rows, c < cols; row r starts at
@@ -127,19 +138,25 @@ BINS(double)
     int cockpit_count2d_##T(const T *g, int64_t rows, int64_t cols, int64_t stride,       \
                             const int32_t *pbin, double k, double frac, double lo,        \
                             double hi, int64_t ioff, int64_t nan_bin, int64_t bp,         \
-                            int64_t *counts) {                                            \
-        int64_t size = (nan_bin + 1) * bp;                                                \
-        counter_t cnt;                                                                    \
-        int32_t buf[BLOCK];                                                               \
-        if (counter_open(&cnt, size, counts)) return 1;                                   \
-        for (int64_t r = 0; r < rows; r++)                                                \
-            for (int64_t c = 0; c < cols; c += BLOCK) {                                   \
-                int64_t m = cols - c < BLOCK ? cols - c : BLOCK;                          \
+                            int64_t *counts, int threads) {                               \
+        int fail = 0;                                                                     \
+        const int64_t per_row = (cols + BLOCK - 1) / BLOCK, tasks = rows * per_row;       \
+        _Pragma("omp parallel num_threads(threads) reduction(|:fail)") {                  \
+            counter_t cnt;                                                                \
+            int32_t buf[BLOCK];                                                           \
+            counter_open(&cnt, (nan_bin + 1) * bp, counts);                               \
+            _Pragma("omp for schedule(static)")                                           \
+            for (int64_t task = 0; task < tasks; task++) {                                \
+                const int64_t r = task / per_row, c = (task % per_row) * BLOCK;           \
+                const int64_t m = cols - c < BLOCK ? cols - c : BLOCK;                    \
+                if (!cnt.sub) continue;                                                   \
                 bins2_##T(g + r * stride + c, m, (T)k, (T)frac, (T)lo, (T)hi, ioff,       \
                           nan_bin, bp, pbin + c, buf);                                    \
                 counter_add(&cnt, buf, m);                                                \
             }                                                                             \
-        return counter_close(&cnt);                                                       \
+            fail |= counter_close(&cnt);                                                  \
+        }                                                                                 \
+        return fail;                                                                      \
     }
 
 /* 2D counts of the outer products b[r, o] * a[r, i] (one parameter group: entry
@@ -149,22 +166,27 @@ BINS(double)
     int cockpit_outer2d_##T(const T *a, const T *b, int64_t rows, int64_t in,             \
                             int64_t out, const int32_t *pbin, double k, double frac,      \
                             double lo, double hi, int64_t ioff, int64_t nan_bin,          \
-                            int64_t bp, int64_t *counts) {                                \
-        int64_t size = (nan_bin + 1) * bp;                                                \
-        counter_t cnt;                                                                    \
-        int32_t buf[BLOCK];                                                               \
-        T prod[BLOCK];                                                                    \
-        if (counter_open(&cnt, size, counts)) return 1;                                   \
-        for (int64_t r = 0; r < rows; r++)                                                \
-            for (int64_t o = 0; o < out; o++)                                             \
-                for (int64_t i = 0; i < in; i += BLOCK) {                                 \
-                    int64_t m = in - i < BLOCK ? in - i : BLOCK;                          \
+                            int64_t bp, int64_t *counts, int threads) {                   \
+        int fail = 0;                                                                     \
+        _Pragma("omp parallel num_threads(threads) reduction(|:fail)") {                  \
+            counter_t cnt;                                                                \
+            int32_t buf[BLOCK];                                                           \
+            T prod[BLOCK];                                                                \
+            counter_open(&cnt, (nan_bin + 1) * bp, counts);                               \
+            _Pragma("omp for schedule(static)")                                           \
+            for (int64_t task = 0; task < rows * out; task++) {                           \
+                const int64_t r = task / out, o = task % out;                             \
+                for (int64_t i = 0; cnt.sub && i < in; i += BLOCK) {                      \
+                    const int64_t m = in - i < BLOCK ? in - i : BLOCK;                    \
                     scaled_##T(a + r * in + i, m, b[r * out + o], prod);                  \
                     bins2_##T(prod, m, (T)k, (T)frac, (T)lo, (T)hi, ioff, nan_bin, bp,    \
-                             pbin + o * in + i, buf);                                     \
+                              pbin + o * in + i, buf);                                    \
                     counter_add(&cnt, buf, m);                                            \
                 }                                                                         \
-        return counter_close(&cnt);                                                       \
+            }                                                                             \
+            fail |= counter_close(&cnt);                                                  \
+        }                                                                                 \
+        return fail;                                                                      \
     }
 
 /* 1D counts of the outer products b[r, o] * s[r, i] from rows s sorted ascending, all
@@ -176,13 +198,19 @@ BINS(double)
 #define OUTER1D(T)                                                                        \
     int cockpit_outer1d_##T(const T *s, const T *b, int64_t rows, int64_t in, int64_t out, \
                             double k, double frac, double lo, double hi, int64_t ioff,    \
-                            int64_t size, int64_t *counts) {                              \
+                            int64_t size, int64_t *counts, int threads) {                 \
         const T k_ = (T)k, f_ = (T)frac, lo_ = (T)lo, hi_ = (T)hi;                        \
         const T nan_s = (T)(size - 1 - ioff);                                             \
+        int fail = 0;                                                                     \
         if (in == 0) return 0;                                                            \
-        for (int64_t r = 0; r < rows; r++) {                                              \
+        _Pragma("omp parallel num_threads(threads) reduction(|:fail)") {                  \
+        int64_t *own = calloc((size_t)size, sizeof(int64_t));                             \
+        _Pragma("omp for schedule(static)")                                               \
+        for (int64_t task = 0; task < rows * out; task++) {                               \
+            const int64_t r = task / out, o = task % out;                                 \
             const T *row = s + r * in;                                                    \
-            for (int64_t o = 0; o < out; o++) {                                           \
+            if (!own) continue;                                                           \
+            {                                                                             \
                 const T bo = b[r * out + o];                                              \
                 int64_t pos = 0;                                                          \
                 T bin = bin_##T(bo * row[0], k_, f_, lo_, hi_, nan_s);                    \
@@ -196,14 +224,21 @@ BINS(double)
                         else                                                              \
                             lo_j = mid + 1;                                               \
                     }                                                                     \
-                    counts[(int64_t)bin + ioff] += lo_j - pos;                            \
+                    own[(int64_t)bin + ioff] += lo_j - pos;                               \
                     pos = lo_j;                                                           \
                     bin = bin_##T(bo * row[pos], k_, f_, lo_, hi_, nan_s);                \
                 }                                                                         \
-                counts[(int64_t)last + ioff] += in - pos;                                 \
+                own[(int64_t)last + ioff] += in - pos;                                    \
             }                                                                             \
         }                                                                                 \
-        return 0;                                                                         \
+        if (own) {                                                                        \
+            _Pragma("omp critical(cockpit_counts)")                                       \
+            for (int64_t j = 0; j < size; j++) counts[j] += own[j];                       \
+        }                                                                                 \
+        fail |= !own;                                                                     \
+        free(own);                                                                        \
+        }                                                                                 \
+        return fail;                                                                      \
     }
 
 COUNT1D(float)
