@@ -30,7 +30,10 @@ O output features, P parameter shape, D = prod(P), B bins.
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -169,6 +172,28 @@ def bin_index(x: Tensor, low: float, high: float, bins: int) -> Tensor:
 #: (``torch.bincount`` runs on one core; the weight-gradient kernels it sits between
 #: use them all).
 PARALLEL_COUNT_MIN = 1 << 20
+_count_pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its workers)
+_count_pool_lock = threading.Lock()
+
+
+def _forget_count_pool() -> None:  # a forked child has none of the parent's threads
+    global _count_pool
+    _count_pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_count_pool)
+
+
+def _count_threads(workers: int) -> ThreadPoolExecutor:
+    """At least ``workers`` threads for :func:`_bincount`, created on first use."""
+    global _count_pool
+    with _count_pool_lock:
+        if _count_pool is None or _count_pool[1] < workers:  # more threads since: wider
+            if _count_pool is not None:
+                _count_pool[0].shutdown(wait=False)
+            _count_pool = (ThreadPoolExecutor(workers, thread_name_prefix="cockpit-count"), workers)
+        return _count_pool[0]
 
 
 def _count(idx: Tensor, size: int) -> Tensor:
@@ -195,7 +220,9 @@ def _bincount(idx: Tensor, size: int) -> Tensor:
     if threads < 2 or idx.numel() < PARALLEL_COUNT_MIN:
         return torch.bincount(idx, minlength=size)
     pieces = idx.tensor_split(threads)
-    counts = native.pool(threads).map(lambda piece: torch.bincount(piece, minlength=size), pieces)
+    counts = _count_threads(threads).map(
+        lambda piece: torch.bincount(piece, minlength=size), pieces
+    )
     return torch.stack(list(counts)).sum(0)
 
 

@@ -28,7 +28,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -43,7 +42,6 @@ __all__ = [
     "library",
     "outer1d",
     "outer2d",
-    "pool",
 ]
 
 SOURCE = Path(__file__).with_name("_hist.c")
@@ -55,38 +53,6 @@ PARALLEL_MIN = 1 << 18
 _lib: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
-_pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its workers)
-
-
-def _forget_pool() -> None:  # a forked child has none of the parent's threads
-    global _pool
-    _pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def pool(workers: int) -> ThreadPoolExecutor:
-    """The worker threads that histogram counting runs on, at least ``workers`` of them.
-
-    Created on first use and widened when more are asked for (a forked child starts
-    without one). Both the kernels and the torch path's threaded ``bincount``
-    (:func:`cockpit.factors._bincount`) release the GIL while they count.
-
-    Example:
-        >>> list(pool(2).map(abs, [-1, 2, -3]))
-        [1, 2, 3]
-        >>> pool(1) is pool(2)  # wide enough already
-        True
-    """
-    global _pool
-    with _lock:
-        if _pool is None or _pool[1] < workers:
-            if _pool is not None:
-                _pool[0].shutdown(wait=False)
-            _pool = (ThreadPoolExecutor(workers, thread_name_prefix="cockpit-count"), workers)
-        return _pool[0]
 
 
 def _cpu_key() -> str:
