@@ -10,8 +10,10 @@
  * and counts the block's bins into WAYS sub-histograms, so that runs of the same bin
  * (gradient entries crowd around zero) do not wait on each other's increments. One
  * pass over the values, no index array in memory: the torch path needs five
- * elementwise passes and a bincount. Single-threaded: the caller splits the work
- * over threads (ctypes releases the GIL) and adds up the counts.
+ * elementwise passes and a bincount. Each kernel splits its work over `threads`
+ * OpenMP threads (built with -fopenmp, these are torch's own libgomp workers): every
+ * thread counts into its own sub-histograms and adds them to the caller's counts under
+ * a critical section. Built without OpenMP, the pragmas are ignored: one thread.
  *
  * Build flags (cockpit/native.py): -ffp-contract=off keeps x * k + frac two roundings,
  * as torch computes them; -fno-trapping-math lets the clamps vectorize (the values
@@ -204,19 +206,18 @@ BINS(double)
         int fail = 0;                                                                     \
         if (in == 0) return 0;                                                            \
         _Pragma("omp parallel num_threads(threads) reduction(|:fail)") {                  \
-        int64_t *own = calloc((size_t)size, sizeof(int64_t));                             \
-        _Pragma("omp for schedule(static)")                                               \
-        for (int64_t task = 0; task < rows * out; task++) {                               \
-            const int64_t r = task / out, o = task % out;                                 \
-            const T *row = s + r * in;                                                    \
-            if (!own) continue;                                                           \
-            {                                                                             \
+            int64_t *own = calloc((size_t)size, sizeof(int64_t));                         \
+            _Pragma("omp for schedule(static)")                                           \
+            for (int64_t task = 0; task < rows * out; task++) {                           \
+                const int64_t r = task / out, o = task % out;                             \
+                const T *row = s + r * in;                                                \
+                if (!own) continue;                                                       \
                 const T bo = b[r * out + o];                                              \
                 int64_t pos = 0;                                                          \
                 T bin = bin_##T(bo * row[0], k_, f_, lo_, hi_, nan_s);                    \
                 const T last = bin_##T(bo * row[in - 1], k_, f_, lo_, hi_, nan_s);        \
                 while (bin != last && pos < in - 1) {                                     \
-                    int64_t lo_j = pos + 1, hi_j = in - 1; /* row[in - 1] is past bin */ \
+                    int64_t lo_j = pos + 1, hi_j = in - 1; /* row[in - 1] is past bin */  \
                     while (lo_j < hi_j) {                                                 \
                         int64_t mid = lo_j + (hi_j - lo_j) / 2;                           \
                         if (bin_##T(bo * row[mid], k_, f_, lo_, hi_, nan_s) != bin)       \
@@ -230,13 +231,12 @@ BINS(double)
                 }                                                                         \
                 own[(int64_t)last + ioff] += in - pos;                                    \
             }                                                                             \
-        }                                                                                 \
-        if (own) {                                                                        \
-            _Pragma("omp critical(cockpit_counts)")                                       \
-            for (int64_t j = 0; j < size; j++) counts[j] += own[j];                       \
-        }                                                                                 \
-        fail |= !own;                                                                     \
-        free(own);                                                                        \
+            if (own) {                                                                    \
+                _Pragma("omp critical(cockpit_counts)")                                   \
+                for (int64_t j = 0; j < size; j++) counts[j] += own[j];                   \
+            }                                                                             \
+            fail |= !own;                                                                 \
+            free(own);                                                                    \
         }                                                                                 \
         return fail;                                                                      \
     }
