@@ -76,6 +76,13 @@ _NEEDS_ALL_ROWS = (BatchDot, GradDot)
 #: 16 MiB in float32: larger blocks come from ``mmap`` on glibc and are page-faulted
 #: afresh at every step (measured: 0.21 ms/MiB against 0.05 below 32 MiB).
 CHUNK_ELEMENTS = 1 << 22
+#: The same bound off the CPU (CUDA): a caching allocator reuses its blocks without page
+#: faults, and every chunk costs host time for its kernel launches. Workload B on an
+#: H100 with 256 MiB chunks instead of 16 MiB (and the convolutions unfolded, see
+#: :meth:`cockpit.layers.conv.ConvFactor._grouped_kernel`; ``python -m
+#: benchmarks.knob_probe``): second moment 1.96x a plain step against 3.71x, 2D
+#: histogram 7.20x against 10.95x, Monte-Carlo GGN 2.44x against 3.66x.
+DEVICE_CHUNK_ELEMENTS = 1 << 26
 #: 1D histograms of affine layers without shared positions (S = 1) count the entries
 #: of the outer products ``b_n a_nᵀ`` by sorting ``a_n`` instead of building them (see
 #: :func:`_outer_hist1d`); ``False`` forces the materialized path (benchmarks, tests).
@@ -89,6 +96,20 @@ OUTER_HIST = True
 #: an outer product without building it) where they could be built; ``False`` forces
 #: the torch path (tests compare the two, benchmarks measure both).
 NATIVE = True
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Elements per chunk of built per-sample gradients on ``device``.
+
+    :data:`CHUNK_ELEMENTS` on the CPU, :data:`DEVICE_CHUNK_ELEMENTS` elsewhere.
+
+    Example:
+        >>> chunk_elements(torch.device("cpu")) == CHUNK_ELEMENTS
+        True
+        >>> chunk_elements(torch.device("meta")) == DEVICE_CHUNK_ELEMENTS
+        True
+    """
+    return CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
 
 
 def bin_edges_of(low: float, high: float, bins: int, dtype=torch.float64) -> Tensor:
@@ -378,7 +399,7 @@ def _outer_hist1d_all_edges(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
     number of such (row, edge) pairs on the host (a synchronization on a GPU, and about
     65 small ops per layer). Here each row ``(r, o)`` searches all ``B − 1`` interior
     edges: ``R·O·(B − 1)`` binary searches, which a GPU does in parallel, in a fixed
-    number of ops (chunked over samples to at most :data:`CHUNK_ELEMENTS` thresholds).
+    number of ops (chunked over samples to at most :func:`chunk_elements` thresholds).
     """
     r_, i_ = a.shape
     o_ = b.shape[1]
@@ -388,7 +409,7 @@ def _outer_hist1d_all_edges(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
     srt = _sorted_rows(a).to(torch.float64)  # [R, I]
     inner = bin_edges_of(low, high, bins).to(a.device)[1:-1]  # [B − 1]
     below = torch.zeros(bins - 1, dtype=torch.float64, device=a.device)
-    chunk = max(1, CHUNK_ELEMENTS // (o_ * (bins - 1)))
+    chunk = max(1, chunk_elements(a.device) // (o_ * (bins - 1)))
     for start in range(0, r_, chunk):
         bc = b[start : start + chunk].to(torch.float64)[:, :, None]  # [r, O, 1]
         thr = inner / bc  # [r, O, B − 1]
@@ -784,7 +805,8 @@ class AffineFactor(Factor):
         self, requests: list[Quantity], param: Tensor, directions: dict[str, Tensor | None]
     ) -> dict[Quantity, Tensor]:
         numel = self.shape.numel()
-        if self.n * numel <= CHUNK_ELEMENTS:
+        limit = chunk_elements(self.b.device)
+        if self.n * numel <= limit:
             return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
         rows = self.shape[0]
         needs_all_samples = any(isinstance(q, _NEEDS_ALL_ROWS) for q in requests)
@@ -794,7 +816,7 @@ class AffineFactor(Factor):
             # concatenates). Without them, chunks of samples are as fast or faster
             # (3C3D conv2/conv3 second moment 24/27 ms against 25/33, All-CNN-C's
             # 192→192 layer 55 against 78; 1D histograms alike).
-            step = max(1, CHUNK_ELEMENTS // (self.n * (numel // rows)))
+            step = max(1, limit // (self.n * (numel // rows)))
             parts = []
             for lo in range(0, rows, step):
                 hi = min(rows, lo + step)
@@ -807,7 +829,7 @@ class AffineFactor(Factor):
             return _merge_row_chunks(requests, parts)
         if needs_all_samples:  # grouped
             return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
-        chunk = max(1, CHUNK_ELEMENTS // max(1, numel))
+        chunk = max(1, limit // max(1, numel))
         parts = []
         for start in range(0, self.n, chunk):
             dense = DenseFactor(self.to_dense(start, start + chunk), owned=True)
@@ -1196,7 +1218,7 @@ class ColumnAffineFactor(ColumnFactor):
         a, b = self.a, self.b
         k, n, groups, s = self.k, self.n, self.groups, self.s
         o, i = self._dims
-        nc = max(1, min(n, CHUNK_ELEMENTS // max(1, groups * o * i)))
+        nc = max(1, min(n, chunk_elements(a.device) // max(1, groups * o * i)))
         total = a.new_zeros(groups, o, i)
         for col in range(k):
             ak, bk = a[min(col, a.shape[0] - 1)], b[min(col, b.shape[0] - 1)]  # [N, G, S, ·]
@@ -1217,8 +1239,9 @@ class ColumnAffineFactor(ColumnFactor):
         k, n, groups, s = self.k, self.n, self.groups, self.s
         o, i = self._dims
         per = max(1, groups * o * i)
-        kc = max(1, min(k, CHUNK_ELEMENTS // per))
-        nc = max(1, min(n, CHUNK_ELEMENTS // (per * kc)))
+        limit = chunk_elements(a.device)
+        kc = max(1, min(k, limit // per))
+        nc = max(1, min(n, limit // (per * kc)))
         total = a.new_zeros(groups, o, i)
         for k0 in range(0, k, kc):
             k1 = min(k, k0 + kc)

@@ -125,7 +125,8 @@ class ConvFactor(AffineFactor):
     Projections are one convolution of the input with the direction (read off the
     per-sample gradients instead when another request builds them); individual
     gradients come from one grouped weight-gradient convolution with the samples as
-    groups when the layer has at least :data:`GROUPED_MIN_POSITIONS` output positions.
+    groups when the layer has at least :data:`GROUPED_MIN_POSITIONS` output positions
+    (on the CPU; other devices unfold).
 
     Args:
         x: Layer input ``[N, C_in, *spatial]``, already padded if ``padding`` is 0 for
@@ -196,8 +197,18 @@ class ConvFactor(AffineFactor):
         self.__dict__.pop("b", None)
 
     def _grouped_kernel(self) -> bool:
-        """Build per-sample gradients with the grouped weight-gradient convolution."""
-        return self.s >= GROUPED_MIN_POSITIONS and "a" not in self.__dict__
+        """Build per-sample gradients with the grouped weight-gradient convolution.
+
+        On the CPU only: on CUDA, cuDNN's grouped kernel with the samples as groups was
+        slower than unfolding the input and one batched matmul (workload B on an H100,
+        ``python -m benchmarks.knob_probe``: batch L2 3.45x a plain step against 1.93x,
+        both with :data:`cockpit.factors.DEVICE_CHUNK_ELEMENTS` chunks).
+        """
+        return (
+            self.s >= GROUPED_MIN_POSITIONS
+            and self.x.device.type == "cpu"
+            and "a" not in self.__dict__
+        )
 
     def _per_sample_weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
         """``[K, O', *P[1:]]`` from inputs ``[K, C_in, …]`` and output gradients ``[K, O', …]``."""
@@ -314,7 +325,7 @@ class ColumnConvFactor(ColumnAffineFactor):
         f = self.factor
         if self.groups != 1 or not f._grouped_kernel():
             return super().sum_of_squares(weights)
-        step = max(1, _factors.CHUNK_ELEMENTS // self.shape.numel())  # samples per chunk
+        step = max(1, _factors.chunk_elements(f.x.device) // self.shape.numel())  # samples
         w = None if weights is None else weights[0].to(f.g.dtype)
         total = None
         for start in range(0, self.n, step):

@@ -76,6 +76,25 @@ def test_conv(dim, kw, path, monkeypatch):
     run(cls(4, 6, kernel, **kw), torch.randn(3, 4, *size))
 
 
+def test_conv_grouped_kernel_only_on_the_cpu():
+    # cuDNN's grouped per-sample kernel was measured slower than unfolding (benchmarks/
+    # knob_probe.py); another device ("meta" here) must take the unfolded path
+    from cockpit.factors import CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS, chunk_elements
+    from cockpit.layers.conv import ConvFactor
+
+    layer = nn.Conv2d(4, 6, 3, padding=1)
+    factors = {
+        dev: ConvFactor(
+            torch.empty(2, 4, 9, 9, device=dev), torch.empty(2, 6, 9, 9, device=dev), layer, (1, 1)
+        )
+        for dev in ("cpu", "meta")
+    }
+    assert factors["cpu"].s >= conv_rules.GROUPED_MIN_POSITIONS
+    assert factors["cpu"]._grouped_kernel()
+    assert not factors["meta"]._grouped_kernel()
+    assert chunk_elements(torch.device("meta")) == DEVICE_CHUNK_ELEMENTS > CHUNK_ELEMENTS
+
+
 CONVT_CASES = [
     dict(),
     dict(stride=2),
