@@ -1,4 +1,4 @@
-"""Workload B on CUDA: our configurations beside the references, one table.
+"""Workload B on CUDA: our configurations beside the references, a table per run.
 
 ``bash benchmarks/cuda_run.sh OUT`` on a GPU machine runs the CUDA tests and the engine,
 reference, curvature and preset suites on B with ``--device cuda --one-process``; their
@@ -158,23 +158,47 @@ def _mib(e: dict | None) -> str:
     return f"{mem['cuda_step_mib']:.0f}"
 
 
-def render(cuda_dir: Path = RESULTS / "cuda", cpu_dir: Path = RESULTS) -> str | None:
-    """The Markdown of ``cuda.md``; None when ``cuda_dir`` holds no results."""
-    gpu, cpu = _load(cuda_dir), _load(cpu_dir)
-    if not gpu:
-        return None
-    metas = [s.get("meta") or {} for s in gpu.values()]
-    meta = next((m for m in metas if m.get("gpu")), metas[0])
-    dates = sorted(m["date"] for m in metas if m.get("date"))
+#: Earlier runs shown below the latest one: (subdirectory of ``results/cuda``, heading).
+#: The H200 run is the last one that measured every suite and every reference.
+ARCHIVED: tuple[tuple[str, str], ...] = (
+    ("run4_h200_1d66a5e", "B on CUDA: the H200 run with every reference"),
+)
+
+
+def _describe(gpu: dict[str, dict]) -> str:
+    """Machine, dates, commits and repetitions of the suites in ``gpu``, as one paragraph."""
+    metas = {name: s.get("meta") or {} for name, s in gpu.items()}
+    meta = next((m for m in metas.values() if m.get("gpu")), next(iter(metas.values())))
+    dates = sorted(m["date"] for m in metas.values() if m.get("date"))
     by_commit: dict[str, list[str]] = {}
-    for name, suite in gpu.items():
-        c = (suite.get("meta") or {}).get("git_commit")
-        if c:
-            by_commit.setdefault(c, []).append(name)
+    reps: dict[int, list[str]] = {}
+    for name, m in metas.items():
+        if m.get("git_commit"):
+            by_commit.setdefault(m["git_commit"], []).append(name)
+        if (m.get("options") or {}).get("reps"):
+            reps.setdefault(m["options"]["reps"], []).append(name)
     if len(by_commit) <= 1:
         commit = next(iter(by_commit), "?")
     else:  # suites re-measured at different commits
         commit = ", ".join(f"{c} ({', '.join(sorted(names))})" for c, names in by_commit.items())
+    if len(reps) <= 1:
+        rep_text = f"{next(iter(reps), 10)} interleaved repetitions"
+    else:
+        rep_text = "interleaved repetitions: " + ", ".join(
+            f"{r} ({', '.join(sorted(names))})" for r, names in sorted(reps.items())
+        )
+    refs = [
+        label
+        for key, label in (
+            ("reference", "BackPACK 1.7.1 and Opacus 1.6.0"),
+            ("presets:reference", "Cockpit 1.0.2"),
+        )
+        if (gpu.get(key) or {}).get("configs")
+    ]
+    if "curvature" in gpu and any(
+        n.startswith("backpack_") for n in (gpu["curvature"].get("configs") or {})
+    ):
+        refs.insert(0, "BackPACK's curvature extensions")
     plain = [
         e["plain_ms"]
         for _, rows in ROWS
@@ -183,24 +207,28 @@ def render(cuda_dir: Path = RESULTS / "cuda", cpu_dir: Path = RESULTS) -> str | 
         if e and e.get("status") == "ok"
     ] or [float("nan")]
     plain_mib = ((gpu.get("engine") or {}).get("plain_memory") or {}).get("B", {})
-    lines = [
-        "# Workload B on CUDA",
-        "",
-        f"Measured by `bash benchmarks/cuda_run.sh OUT` on {meta.get('gpu', '?')} "
-        f"(torch {meta.get('torch', '?')}, Python {meta.get('python', '?')}), "
-        f"{dates[0] if dates else '?'} to {dates[-1] if dates else '?'}, our code at {commit}; "
-        "the references (BackPACK 1.7.1, Opacus 1.6.0, Cockpit 1.0.2) on the same machine "
-        "and torch. Median ratio to a plain fwd+bwd+SGD step in the same process "
-        f"(min–max), 10 interleaved repetitions of ≥ 0.1 s plain blocks (configuration "
-        f"blocks capped at 1 s), one process per suite. A plain step takes "
+    missing = [k for k in ("engine", "reference", "curvature", "presets:ours") if k not in gpu]
+    return (
+        f"{meta.get('gpu', '?')} (torch {meta.get('torch', '?')}, Python "
+        f"{meta.get('python', '?')}), {dates[0] if dates else '?'} to "
+        f"{dates[-1] if dates else '?'}, our code at {commit}; "
+        + (
+            f"the references ({', '.join(refs)}) on the same machine and torch"
+            if refs
+            else "no reference measured in this run"
+        )
+        + (f"; not measured in this run: {', '.join(missing)} (—)" if missing else "")
+        + ". Median ratio to a plain fwd+bwd+SGD step in the same process "
+        f"(min–max), {rep_text} of ≥ 0.1 s plain blocks (configuration "
+        "blocks capped at 1 s), one process per suite. A plain step takes "
         f"{min(plain):.1f}–{max(plain):.1f} ms here (N = 128, 3C3D)"
         + (f" and {plain_mib['cuda_step_mib']:.0f} MiB of CUDA memory" if plain_mib else "")
-        + ". CUDA MiB: `torch.cuda.max_memory_allocated` during two steps minus what was "
-        "allocated before them. CPU: the same configuration's ratio in the CPU tables above "
-        "(2 threads).",
-        "",
-        "## B on CUDA",
-        "",
+        + "."
+    )
+
+
+def _table(gpu: dict[str, dict], cpu: dict[str, dict]) -> list[str]:
+    lines = [
         "| configuration | ours | reference | ours ms (plain / config) | CUDA MiB ours / ref "
         "| CPU ours / ref |",
         "|---|---:|---:|---:|---:|---:|",
@@ -216,6 +244,36 @@ def render(cuda_dir: Path = RESULTS / "cuda", cpu_dir: Path = RESULTS) -> str | 
                 f" / {_ratio(cr, spread=False)}" if ref_at else ""
             )
             lines.append(f"| {label} | {_ratio(o)} | {ref} | {_ms(o)} | {mib} | {cpu_text} |")
+    return lines
+
+
+def render(cuda_dir: Path = RESULTS / "cuda", cpu_dir: Path = RESULTS) -> str | None:
+    """The Markdown of ``cuda.md``; None when ``cuda_dir`` holds no results.
+
+    One section for the latest run (``cuda_dir``), then one per :data:`ARCHIVED` run
+    that ``cuda_dir`` holds, each described by its own suites' metadata.
+    """
+    gpu, cpu = _load(cuda_dir), _load(cpu_dir)
+    if not gpu:
+        return None
+    lines = [
+        "# Workload B on CUDA",
+        "",
+        "Measured by `bash benchmarks/cuda_run.sh OUT` (or its stages alone) on a lent GPU "
+        "machine. CUDA MiB: `torch.cuda.max_memory_allocated` during two steps minus what "
+        "was allocated before them. CPU: the same configuration's ratio in the CPU tables "
+        "above (2 threads).",
+        "",
+        "## B on CUDA",
+        "",
+        _describe(gpu),
+        "",
+        *_table(gpu, cpu),
+    ]
+    for sub, heading in ARCHIVED:
+        old = _load(cuda_dir / sub)
+        if old:
+            lines += ["", f"## {heading}", "", _describe(old), "", *_table(old, cpu)]
     return "\n".join(lines) + "\n"
 
 
