@@ -643,12 +643,13 @@ class Engine:
         param = self._param_by_name(name)
         directions = {k: v.get(name) for k, v in armed.directions.items()}
         with torch.no_grad():
-            values = factor.reduce(armed.requests, param.detach(), directions)
+            if armed.keep_factors:  # slimmed, or the per-sample gradients if built anyway
+                values, kept = factor.reduce_and_keep(armed.requests, param.detach(), directions)
+                armed.result.kept[name] = (kept, param.detach(), tensor_versions(kept))
+            else:
+                values = factor.reduce(armed.requests, param.detach(), directions)
         for q, v in values.items():
             armed.result.per_param.setdefault(q, {})[name] = v
-        if armed.keep_factors:
-            factor.drop_cache()  # e.g. unfolded patches: rebuilt if ever needed
-            armed.result.kept[name] = (factor, param.detach(), tensor_versions(factor))
 
     def _param_by_name(self, name: str) -> nn.Parameter:
         if not hasattr(self, "_by_name"):

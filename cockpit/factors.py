@@ -551,6 +551,30 @@ class Factor:
         """
         return DenseFactor(self.to_dense()).reduce(requests, param, directions)
 
+    def reduce_and_keep(
+        self, requests: Iterable[Quantity], param: Tensor, directions: dict[str, Tensor | None]
+    ) -> tuple[dict[Quantity, Tensor], Factor]:
+        """:meth:`reduce`, and the factor to keep for projections after the pass.
+
+        ``Engine.gather(keep_factors=True)`` keeps one factor per parameter so that
+        :meth:`cockpit.quantities.Gathered.project` can project onto a direction known
+        only later (alpha's update). By default that is this factor, slimmed by
+        :meth:`drop_cache`; :class:`AffineFactor` keeps the per-sample gradients instead
+        where the reduction built them whole anyway and they are no larger than what the
+        factor holds (a projection then costs N·D multiply-adds, not a convolution).
+
+        Example:
+            >>> import torch
+            >>> from cockpit.quantities import BatchL2
+            >>> f = DenseFactor(torch.ones(2, 3))
+            >>> out, kept = f.reduce_and_keep([BatchL2()], torch.zeros(3), {})
+            >>> out[BatchL2()], kept is f
+            (tensor([3., 3.]), True)
+        """
+        out = self.reduce(requests, param, directions)
+        self.drop_cache()
+        return out, self
+
     def drop_cache(self) -> None:
         """Free what the factor can rebuild on demand (kept factors are slimmed with it).
 
@@ -733,6 +757,30 @@ class AffineFactor(Factor):
         if rest:
             out.update(self._materialized(rest, param, directions))
         return out
+
+    def reduce_and_keep(  # noqa: D102
+        self, requests: Iterable[Quantity], param: Tensor, directions: dict[str, Tensor | None]
+    ) -> tuple[dict[Quantity, Tensor], Factor]:
+        requests = list(requests)
+        self.drop_cache()
+        held = sum(
+            t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, Tensor)
+        )
+        numel = self.shape.numel()
+        cheap = self._cheap_kinds(requests)
+        device, dtype = param.device, self._dtype()
+        if (
+            self.s > 1  # with S = 1 a projection costs N·D from (a, b) as well
+            and not all(isinstance(q, cheap) for q in requests)  # G_n get built anyway …
+            and self.n * numel <= chunk_elements(device)  # … in one piece …
+            and self.n * numel * dtype.itemsize <= held  # … no larger than (a, b) or (x, g)
+        ):
+            dense = self.to_dense()
+            return DenseFactor(dense).reduce(requests, param, directions), DenseFactor(dense)
+        return super().reduce_and_keep(requests, param, directions)
+
+    def _dtype(self) -> torch.dtype:
+        return self.b.dtype
 
     def _cheap_kinds(self, requests: list[Quantity]) -> tuple[type, ...]:
         """The quantity types this factor computes without building per-sample gradients."""

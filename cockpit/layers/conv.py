@@ -191,6 +191,9 @@ class ConvFactor(AffineFactor):
     def _dims(self) -> tuple[int, int]:
         return self.shape[0] // self.groups, self.shape[1:].numel()
 
+    def _dtype(self) -> torch.dtype:
+        return self.g.dtype
+
     def drop_cache(self) -> None:
         """Free the unfolded patches and the reshaped output gradient, if built."""
         self.__dict__.pop("a", None)

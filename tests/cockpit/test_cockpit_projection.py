@@ -76,13 +76,20 @@ CASES = {
 }
 
 
-def alphas(build, inputs, classes, force_jvp: bool, monkeypatch) -> list[bool]:
-    """Train 4 steps with alpha; returns, per projection call, whether factors were used."""
+def alphas(
+    build, inputs, classes, force_jvp: bool, monkeypatch, instruments=("alpha",), kinds=None
+) -> list[bool]:
+    """Train 4 steps with alpha; returns, per projection call, whether factors were used.
+
+    ``kinds`` (a dict), if given, collects the type name of each parameter's kept factor.
+    """
     monkeypatch.setattr(cockpit_module, "FORCE_JVP", force_jvp)
     calls = []
     real = Gathered.project
 
     def counting(self, u):
+        if kinds is not None:
+            kinds.update({name: type(f).__name__ for name, (f, _, _) in self.kept.items()})
         out = real(self, u)
         calls.append(out is not None)
         return out
@@ -95,7 +102,7 @@ def alphas(build, inputs, classes, force_jvp: bool, monkeypatch) -> list[bool]:
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fallback-rule notices
-        with Cockpit(model, loss_fn, opt, ["alpha"]) as ck:
+        with Cockpit(model, loss_fn, opt, list(instruments)) as ck:
             for step, (x, y) in enumerate(data):
                 opt.zero_grad()
                 loss = loss_fn(model(x), y)
@@ -107,13 +114,37 @@ def alphas(build, inputs, classes, force_jvp: bool, monkeypatch) -> list[bool]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_kept_factors_equal_forward_mode(case, monkeypatch):
+    _check_against_forward_mode(case, monkeypatch, ("alpha",))
+
+
+KEPT = {  # parameter: the factor kept with a 1D histogram requested
+    "cnn": {"0.weight": "DenseFactor", "3.weight": "ConvFactor"},  # 3: G (540) > x, g (440)
+    "resnet": {"stem.weight": "DenseFactor", "block2.conv2.weight": "DenseFactor"},
+    "transformer": {
+        "inner.encoder.linear1.weight": "DenseFactor",
+        "inner.head.weight": "DenseFactor",
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(KEPT))
+def test_kept_per_sample_gradients_equal_forward_mode(case, monkeypatch):
+    # with a 1D histogram the per-sample gradients of layers with shared positions are
+    # built whole anyway; where they are no larger than the layer's inputs and output
+    # gradients, they are kept instead and projected in N·D multiply-adds
+    kinds = _check_against_forward_mode(case, monkeypatch, ("alpha", "grad_hist_1d"))
+    assert {name: kinds[name] for name in KEPT[case]} == KEPT[case]
+
+
+def _check_against_forward_mode(case, monkeypatch, instruments) -> dict[str, str]:
     build, inputs, classes = CASES[case]
     results = {}
     used = {}
+    kinds: dict[str, str] = {}
     for force in (False, True):
         seen = []
         monkeypatch.setattr(Cockpit, "_emit", _recording(Cockpit._emit, seen), raising=True)
-        calls = alphas(build, inputs, classes, force, monkeypatch)
+        calls = alphas(build, inputs, classes, force, monkeypatch, instruments, kinds)
         results[force] = [(r.step, r.value) for r in seen if r.instrument == "alpha"]
         used[force] = calls
         monkeypatch.undo()
@@ -130,6 +161,7 @@ def test_kept_factors_equal_forward_mode(case, monkeypatch):
         assert used[False] and not any(used[False]), "in-place-changed inputs fall back to jvp"
     else:
         assert used[False] and all(used[False]), "kept factors are projected"
+    return kinds
 
 
 def _recording(emit, seen):
