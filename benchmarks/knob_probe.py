@@ -65,6 +65,7 @@ VARIANTS: dict[str, dict[tuple[object, str], object]] = {
         (_conv, "GROUPED_MIN_POSITIONS"): 1 << 62,
         (_factors, "CHUNK_ELEMENTS"): 1 << 26,
     },
+    "grouped_min_64": {(_conv, "GROUPED_MIN_POSITIONS"): 64},
     # alpha's start projections from the kept (x, g) of every layer (one convolution per
     # layer after the update), never from per-sample gradients built for other requests
     "factors_only": {(_factors.AffineFactor, "reduce_and_keep"): _factors.Factor.reduce_and_keep},

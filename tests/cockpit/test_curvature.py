@@ -383,7 +383,10 @@ def test_wide_convolutions_square_one_column_with_the_grouped_kernel(monkeypatch
     """One loss column (a single BCE logit) through convolutions wide enough for the
     grouped weight-gradient kernel: squared per-sample gradients in chunks of samples,
     without unfolding the input, equal the explicit GGN and Hessian diagonals."""
-    from cockpit.layers.conv import GROUPED_MIN_POSITIONS, ColumnConvFactor
+    import cockpit.layers.conv as conv_rules
+    from cockpit.layers.conv import ColumnConvFactor
+
+    monkeypatch.setattr(conv_rules, "GROUPED_MIN_POSITIONS", 64)  # the path under test
 
     torch.manual_seed(5)
     model = nn.Sequential(
@@ -394,7 +397,6 @@ def test_wide_convolutions_square_one_column_with_the_grouped_kernel(monkeypatch
         nn.Flatten(),
         nn.Linear(2 * 64, 1),
     )
-    assert GROUPED_MIN_POSITIONS <= 64
     x, y = torch.randn(3, 1, 8, 8), torch.rand(3, 1)
     squares = []
     real = ColumnConvFactor.sum_of_squares

@@ -76,12 +76,13 @@ def test_conv(dim, kw, path, monkeypatch):
     run(cls(4, 6, kernel, **kw), torch.randn(3, 4, *size))
 
 
-def test_conv_grouped_kernel_only_on_the_cpu():
+def test_conv_grouped_kernel_only_on_the_cpu(monkeypatch):
     # cuDNN's grouped per-sample kernel was measured slower than unfolding (benchmarks/
     # knob_probe.py); another device ("meta" here) must take the unfolded path
     from cockpit.factors import CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS, chunk_elements
     from cockpit.layers.conv import ConvFactor
 
+    monkeypatch.setattr(conv_rules, "GROUPED_MIN_POSITIONS", 64)
     layer = nn.Conv2d(4, 6, 3, padding=1)
     factors = {
         dev: ConvFactor(
