@@ -295,8 +295,8 @@ class ColumnConvFactor(ColumnAffineFactor):
         >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> layer = torch.nn.Conv2d(16, 4, 3, padding=1).double()
-        >>> x = torch.randn(2, 16, 8, 8, dtype=torch.float64)  # input [N, C_in, H, W]
-        >>> g = torch.randn(2, 4, 8, 8, dtype=torch.float64)  # the column's output gradient
+        >>> x = torch.randn(2, 16, 12, 12, dtype=torch.float64)  # input [N, C_in, H, W]
+        >>> g = torch.randn(2, 4, 12, 12, dtype=torch.float64)  # the column's output gradient
         >>> f = ColumnConvFactor(ConvFactor(x, g, layer, layer.padding))
         >>> dense = f.to_dense()  # [1, N, *P]
         >>> torch.allclose(f.sum_of_squares(), (dense**2).sum((0, 1)))
