@@ -332,6 +332,7 @@ class Engine:
         for name, p in model.named_parameters():
             self._names.setdefault(p, name)
         self._hooked: dict[nn.Module, _Hooked] = {}
+        self._parameter_inputs: set[tuple[str, str]] = set()
         self._handles: list = []
         self._generation = _Generation()
         self._suspended = False
@@ -439,6 +440,9 @@ class Engine:
             gen.invalid.setdefault(hooked.name, f"cannot read the batch size of its input: {err}")
             n = -1
         gen.batch_sizes.setdefault(n, hooked.name)
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, nn.Parameter) and a in self._names:
+                self._warn_parameter_input(self._names[a], hooked, module)
         gen.module_uses[module] += 1
         for k in wanted:
             gen.param_uses[self._names[hooked.params[k]]] += 1
@@ -452,6 +456,22 @@ class Engine:
             gen.deferred.append(use)
         for i in needs:
             outs[i].register_hook(self._grad_hook(use, i))
+
+    def _warn_parameter_input(self, name: str, hooked: _Hooked, module: nn.Module) -> None:
+        """Once per (parameter, module): a parameter fed to a hooked module directly."""
+        key = (name, hooked.name)
+        if key in self._parameter_inputs:
+            return
+        self._parameter_inputs.add(key)
+        warnings.warn(
+            f"parameter {name!r} is an input of module {hooked.name!r} "
+            f"({type(module).__name__}). The engine covers a parameter's uses inside its own "
+            f"modules only, so the per-sample quantities of {name!r} miss this use. Feed "
+            f"{hooked.name!r} the output of a module that owns {name!r} instead of the "
+            "parameter itself.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _activation_hook(self, module: nn.Module, args: tuple, output) -> None:
         if self._suspended or not torch.is_grad_enabled():

@@ -6,12 +6,19 @@ of one) inside ``vmap(grad(...))``. It is exact for any module whose samples do 
 interact, costs about one extra forward and backward of that module, and materializes
 ``[N, *P]`` per parameter. Stochastic modules (dropout inside) cannot be re-run
 identically and raise.
+
+A module whose output rows are per-sample but do not come from per-sample inputs
+(learned per-sample codes returned whole, ``codes * 1.0``) gives a full batch of rows
+when re-run on one sample. Sample n's gradient is then read off the batch call:
+``∇_θ ⟨b_n, m(x; θ)_n⟩``, one vector-Jacobian product per sample (vmapped over
+one-hot weights on the output rows).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -19,6 +26,10 @@ from cockpit.factors import DenseFactor, Factor
 from cockpit.layers import UnsupportedModuleError
 
 __all__ = ["tensor_outputs", "per_sample_gradients", "functorch_rule"]
+
+
+class _NotPerSample(Exception):
+    """A re-run on one sample returned an output whose batch dimension is not 1."""
 
 
 def tensor_outputs(output) -> list[Tensor]:
@@ -94,6 +105,8 @@ def per_sample_gradients(
         outs = call(p, xs)
         total = 0.0
         for i, c, d in zip(keep, cs, cot_dims, strict=True):
+            if outs[i].dim() <= d or outs[i].shape[d] != 1:
+                raise _NotPerSample
             total = total + (outs[i] * c.unsqueeze(d)).sum()
         return total
 
@@ -101,6 +114,8 @@ def per_sample_gradients(
         return vmap(grad(sample_loss), in_dims=(None, dict(in_dims), cot_dims), randomness="error")(
             params, inputs, cots
         )
+    except _NotPerSample:
+        return _row_gradients(module, params, call, inputs, cots, keep, cot_dims)
     except RuntimeError as err:
         if "random" in str(err).lower():
             raise UnsupportedModuleError(
@@ -109,6 +124,39 @@ def per_sample_gradients(
                 "randomness (dropout=0 or eval mode) or register an exact rule for it."
             ) from err
         raise
+
+
+def _row_gradients(
+    module: nn.Module,
+    params: dict[str, Tensor],
+    call: Callable[[dict[str, Tensor], dict[str, Tensor]], list[Tensor]],
+    inputs: dict[str, Tensor],
+    cots: list[Tensor],
+    keep: list[int],
+    cot_dims: list[int],
+) -> dict[str, Tensor]:
+    """``∇_θ ⟨b_n, out_n⟩`` with the module called on the whole batch, for every n."""
+    n = cots[0].shape[cot_dims[0]]
+    outs = call(params, inputs)
+    for i, c in zip(keep, cots, strict=True):
+        if outs[i].shape != c.shape:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__}: an output of shape {tuple(outs[i].shape)} gets a "
+                f"gradient of shape {tuple(c.shape)}, so its rows cannot be matched to the "
+                f"{n} samples. Register an exact rule for it (cockpit.layers.register_layer)."
+            )
+
+    def weighted(p, onehot):
+        outs = call(p, inputs)
+        total = 0.0
+        for i, c, d in zip(keep, cots, cot_dims, strict=True):
+            shape = [1] * c.dim()
+            shape[d] = n
+            total = total + (outs[i] * c * onehot.view(shape)).sum()
+        return total
+
+    eye = torch.eye(n, dtype=cots[0].dtype, device=cots[0].device)
+    return vmap(grad(weighted), in_dims=(None, 0), randomness="error")(params, eye)
 
 
 def functorch_rule(module: nn.Module, args, kwargs, grad_outputs, wanted) -> dict[str, Factor]:

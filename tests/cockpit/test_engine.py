@@ -271,6 +271,67 @@ def test_unsupported_module_strict_raises_and_warn_mode_is_exact():
         check_model(model, nn.MSELoss(), torch.randn(5, 4), torch.randn(5, 3))
 
 
+class Codes(nn.Module):
+    """Learned per-sample codes returned whole: the rows are samples, the input is unused."""
+
+    def __init__(self, n: int, d: int) -> None:
+        super().__init__()
+        self.codes = nn.Parameter(torch.randn(n, d))
+
+    def forward(self, x):
+        return self.codes * 1.0
+
+
+class CodesModel(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.codes = Codes(n, 4)
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(self.codes(x)) + x))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fallback_module_whose_rows_are_samples_but_not_its_inputs(reduction):
+    # re-running Codes on one sample returns all N rows: the fallback reads sample n's
+    # gradient off the batch call instead (it summed every row against g_n before)
+    torch.manual_seed(0)
+    n = 6
+    model = CodesModel(n)
+    x, y = torch.randn(n, 4), torch.randint(0, 3, (n,))
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    with pytest.warns(UserWarning, match=r"codes \(Codes\)"):
+        result = gather(model, loss_fn, x, y, [IndividualGradients(), BatchL2()])
+    params = dict(model.named_parameters())
+
+    def sample_loss(p, i):  # l_n: row n of the batch call
+        out = torch.func.functional_call(model, p, (x,))
+        return nn.functional.cross_entropy(out[i : i + 1], y[i : i + 1])
+
+    for name in params:
+        ref = torch.stack([torch.func.grad(sample_loss)(params, i)[name] for i in range(n)])
+        got = result[IndividualGradients()][name]
+        torch.testing.assert_close(got, ref, **TOL, msg=name)
+        torch.testing.assert_close(result[BatchL2()][name], (ref**2).flatten(1).sum(1), **TOL)
+
+
+def test_parameter_fed_directly_to_a_module_warns_naming_both():
+    class ParamInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.codes = Codes(5, 4)
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(self.codes.codes) * x + self.codes(x)[:, :3]
+
+    model = ParamInput()
+    with pytest.warns(UserWarning, match=r"'codes.codes' is an input of module 'lin'"):
+        gather(model, nn.MSELoss(), torch.randn(5, 3), torch.randn(5, 3), [BatchL2()])
+
+
 def test_gather_without_forward_or_backward_errors():
     model = models.mlp()
     loss_fn = nn.MSELoss()
