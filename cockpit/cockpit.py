@@ -34,6 +34,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cockpit import schedules as _schedules
+from cockpit.checks import all_finite
 from cockpit.engine import Engine
 from cockpit.layers.functorch import tensor_outputs
 from cockpit.losses import individual_losses
@@ -365,12 +366,7 @@ class Cockpit:
             k: (p.grad.detach() if p.grad is not None else torch.zeros_like(p))
             for k, p in params.items()
         }
-        finite = (
-            math.isfinite(loss_value)
-            and bool(torch.stack([g.isfinite().all() for g in grads.values()]).all())
-            if grads
-            else math.isfinite(loss_value)
-        )
+        finite = math.isfinite(loss_value) and all_finite(grads.values())
         n = gathered.batch_size if gathered is not None else self._batch_size()
         ctx = StepContext(
             step=step,

@@ -635,11 +635,16 @@ class Engine:
         use.done = True
         if not armed.requests and not armed.keep_factors:  # curvature only
             return
-        scale = armed.scale
-        grads = tuple(g if g is None or scale == 1 else g * scale for g in use.grads)
+        scale, rule = armed.scale, use.hooked.rule
         self._suspended = True
         try:
-            factors = use.hooked.rule.fn(use.module, use.args, use.kwargs, grads, use.wanted)
+            if rule.scales:  # the rule scales the smaller of its input and gradient
+                factors = rule.fn(
+                    use.module, use.args, use.kwargs, use.grads, use.wanted, scale=scale
+                )
+            else:
+                grads = tuple(g if g is None or scale == 1 else g * scale for g in use.grads)
+                factors = rule.fn(use.module, use.args, use.kwargs, grads, use.wanted)
         finally:
             self._suspended = False
         for local, factor in factors.items():

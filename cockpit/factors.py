@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from cockpit import native
+from cockpit.checks import all_finite
 from cockpit.native import bin_grid as _bin_grid
 from cockpit.quantities import (
     BatchDot,
@@ -710,6 +711,9 @@ class AffineFactor(Factor):
         True
     """
 
+    #: Whether ``a`` and ``b`` are finite, once :meth:`_finite` has looked.
+    _is_finite: bool | None = None
+
     def __init__(self, a: Tensor, b: Tensor, shape: Sequence[int]) -> None:
         if a.dim() != 4 or b.dim() != 4 or a.shape[:3] != b.shape[:3]:
             raise ValueError(
@@ -782,15 +786,17 @@ class AffineFactor(Factor):
     def _dtype(self) -> torch.dtype:
         return self.b.dtype
 
+    def _finite(self) -> bool:
+        """Whether ``a`` and ``b`` are finite (checked once per factor)."""
+        if self._is_finite is None:
+            self._is_finite = all_finite((self.a, self.b))
+        return self._is_finite
+
     def _cheap_kinds(self, requests: list[Quantity]) -> tuple[type, ...]:
         """The quantity types this factor computes without building per-sample gradients."""
         if self.s == 1:
             cheap: tuple[type, ...] = (BatchL2, BatchDot, GradDot, SecondMoment, Projection)
-            if (
-                OUTER_HIST
-                and any(isinstance(q, Hist1D) for q in requests)
-                and bool(self.a.isfinite().all() & self.b.isfinite().all())
-            ):
+            if OUTER_HIST and any(isinstance(q, Hist1D) for q in requests) and self._finite():
                 cheap += (Hist1D,)
             if NATIVE and native.available(self.a, self.b):
                 cheap += (Hist2D,)

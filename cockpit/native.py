@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cockpit.checks import all_finite
+
 __all__ = [
     "available",
     "bin_grid",
@@ -314,7 +316,7 @@ def outer1d(sorted_a: Tensor, b: Tensor, low: float, high: float, bins: int) -> 
     """
     fn = _kernel("outer1d", sorted_a)
     a, b = sorted_a.detach().contiguous(), b.detach().to(sorted_a.dtype).contiguous()
-    if a.shape[0] != b.shape[0] or not bool(a.isfinite().all() & b.isfinite().all()):
+    if a.shape[0] != b.shape[0] or not all_finite((a, b)):
         raise ValueError("cockpit.native.outer1d: needs finite a [R, I] and b [R, O]")
     rows, i_ = a.shape
     o_ = b.shape[1]

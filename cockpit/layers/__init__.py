@@ -5,7 +5,10 @@ registered for one or more module types with :func:`register_layer`. It receives
 module's positional and keyword inputs of one forward call, the gradients of the
 batch loss w.r.t. the module's tensor outputs (already scaled so the factors describe
 unscaled individual gradients; ``None`` for outputs that got no gradient) and the
-local names of the parameters to cover (those with ``requires_grad``). Lookup walks
+local names of the parameters to cover (those with ``requires_grad``). A rule
+registered with ``scales=True`` receives the unscaled gradients and a ``scale``
+keyword instead, and applies it where it is cheapest (the Linear and convolution
+rules scale the smaller of the layer input and the output gradient). Lookup walks
 the class MRO, so subclasses of a supported layer are supported. Leaf modules with
 parameters but no rule go through the ``torch.func`` fallback
 (:mod:`cockpit.layers.functorch`).
@@ -45,6 +48,7 @@ __all__ = [
     "find_rule",
     "UnsupportedModuleError",
     "RuleFn",
+    "scale_smaller",
 ]
 
 RuleFn = Callable[
@@ -90,6 +94,8 @@ class LayerRule:
             not hooked on their own.
         batch_size: ``batch_size(module, args, kwargs) -> N``; default: dim 0 of the
             first tensor input.
+        scales: The rule takes the output gradients unscaled and a ``scale=`` keyword
+            (see the module docstring); otherwise the engine scales them first.
 
     Example:
         >>> import torch
@@ -112,6 +118,7 @@ class LayerRule:
     check: Callable[[nn.Module], None] | None = None
     recurse: bool = False
     batch_size: Callable[[nn.Module, tuple, dict], int] | None = None
+    scales: bool = False
 
 
 _RULES: dict[type, LayerRule] = {}
@@ -123,6 +130,7 @@ def register_layer(
     recurse: bool = False,
     batch_size: Callable[[nn.Module, tuple, dict], int] | None = None,
     overwrite: bool = False,
+    scales: bool = False,
 ) -> Callable[[RuleFn], RuleFn]:
     """Register a rule function for module types (decorator).
 
@@ -132,6 +140,7 @@ def register_layer(
         recurse: The rule also covers the children's parameters.
         batch_size: How to read N from the module's inputs (default: dim 0).
         overwrite: Replace an existing rule for the same type instead of raising.
+        scales: The rule applies the gradient scale itself (``fn(..., scale=s)``).
 
     Example:
         >>> import torch
@@ -178,7 +187,7 @@ def register_layer(
         for t in types:
             if t in _RULES and not overwrite:
                 raise ValueError(f"a layer rule for {t.__name__} exists ({_RULES[t].name})")
-            _RULES[t] = LayerRule(fn.__name__, fn, check, recurse, batch_size)
+            _RULES[t] = LayerRule(fn.__name__, fn, check, recurse, batch_size, scales)
         return fn
 
     return decorator
@@ -204,6 +213,30 @@ def unregister_layer(*types: type[nn.Module]) -> None:
     """
     for t in types:
         _RULES.pop(t, None)
+
+
+def scale_smaller(x: Tensor, g: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(x, g)`` with ``scale`` applied to the smaller of the two (both unchanged at 1).
+
+    A factor bilinear in a layer's input ``x`` and output gradient ``g`` (Linear, the
+    convolutions) describes the scaled gradients whichever one carries the scale;
+    a convolution's output gradient can be 16 times its input (3C3D's first layer).
+    An input that is a leaf requiring grad (a parameter fed to a layer, an optimized
+    input) is never copied: a kept factor must hold it itself, so that an in-place
+    update after the pass (``optimizer.step()``) is seen by its version counter.
+
+    Example:
+        >>> import torch
+        >>> x, g = torch.ones(2, 3), torch.ones(2, 5)
+        >>> xs, gs = scale_smaller(x, g, 4.0)
+        >>> xs[0, 0].item(), gs is g
+        (4.0, True)
+    """
+    if scale == 1:
+        return x, g
+    if x.numel() <= g.numel() and not (x.is_leaf and x.requires_grad):
+        return x * scale, g
+    return x, g * scale
 
 
 def find_rule(module: nn.Module) -> LayerRule | None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import cockpit.factors as _factors
 from cockpit.factors import AffineFactor, ColumnAffineFactor, DenseFactor, Factor, check_weights
-from cockpit.layers import register_layer
+from cockpit.layers import register_layer, scale_smaller
 from cockpit.quantities import Projection, Quantity
 
 
@@ -371,8 +371,10 @@ def _conv_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, t
     return x, tuple(padding)
 
 
-@register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def conv(module: nn.modules.conv._ConvNd, args, kwargs, grad_outputs, wanted) -> dict[str, Factor]:
+@register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d, scales=True)
+def conv(
+    module: nn.modules.conv._ConvNd, args, kwargs, grad_outputs, wanted, scale: float = 1.0
+) -> dict[str, Factor]:
     """Unfolded input patches against the output gradient.
 
     Example:
@@ -400,16 +402,23 @@ def conv(module: nn.modules.conv._ConvNd, args, kwargs, grad_outputs, wanted) ->
         )
     out: dict[str, Factor] = {}
     if "weight" in wanted:
-        x, padding = _conv_padding(module, x)
-        out["weight"] = ConvFactor(x, g, module, padding)
+        xs, gs = scale_smaller(x, g, scale)
+        xs, padding = _conv_padding(module, xs)
+        out["weight"] = ConvFactor(xs, gs, module, padding)
     if "bias" in wanted:
-        out["bias"] = DenseFactor(g.reshape(g.shape[0], g.shape[1], -1).sum(2))
+        bias = g.reshape(g.shape[0], g.shape[1], -1).sum(2)
+        out["bias"] = DenseFactor(bias if scale == 1 else bias * scale)
     return out
 
 
-@register_layer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+@register_layer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, scales=True)
 def conv_transpose(
-    module: nn.modules.conv._ConvTransposeNd, args, kwargs, grad_outputs, wanted
+    module: nn.modules.conv._ConvTransposeNd,
+    args,
+    kwargs,
+    grad_outputs,
+    wanted,
+    scale: float = 1.0,
 ) -> dict[str, Factor]:
     """Adjoint of a convolution: patches of the output gradient against the input.
 
@@ -438,7 +447,8 @@ def conv_transpose(
         )
     out: dict[str, Factor] = {}
     if "weight" in wanted:
-        patches = unfold(g, module.kernel_size, module.stride, module.padding, module.dilation)
+        xs, gs = scale_smaller(x, g, scale)
+        patches = unfold(gs, module.kernel_size, module.stride, module.padding, module.dilation)
         # Patches cover exactly the input positions; output_padding rows are never read.
         expected = x.shape[2:].numel()
         if patches.shape[1] != expected:  # pragma: no cover - guarded by torch's size rules
@@ -446,10 +456,11 @@ def conv_transpose(
                 f"{type(module).__name__}: patch count {patches.shape[1]} != {expected}"
             )
         out["weight"] = AffineFactor(
-            _grouped(patches, module.groups), _channels_last(x, module.groups), module.weight.shape
+            _grouped(patches, module.groups), _channels_last(xs, module.groups), module.weight.shape
         )
     if "bias" in wanted:
-        out["bias"] = DenseFactor(g.reshape(g.shape[0], g.shape[1], -1).sum(2))
+        bias = g.reshape(g.shape[0], g.shape[1], -1).sum(2)
+        out["bias"] = DenseFactor(bias if scale == 1 else bias * scale)
     return out
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from cockpit.factors import AffineFactor, DenseFactor, Factor
-from cockpit.layers import register_layer
+from cockpit.layers import register_layer, scale_smaller
 
 
-@register_layer(nn.Linear)
-def linear(module: nn.Linear, args, kwargs, grad_outputs, wanted) -> dict[str, Factor]:
+@register_layer(nn.Linear, scales=True)
+def linear(
+    module: nn.Linear, args, kwargs, grad_outputs, wanted, scale: float = 1.0
+) -> dict[str, Factor]:
     """Input ``[N, *, I]`` and output gradient ``[N, *, O]`` as ``a [N,1,S,I]``, ``b [N,1,S,O]``.
 
     Example:
@@ -34,12 +36,15 @@ def linear(module: nn.Linear, args, kwargs, grad_outputs, wanted) -> dict[str, F
             f"{type(module).__name__}: input without a batch dimension {tuple(x.shape)}"
         )
     n = x.shape[0]
-    b = g.reshape(n, 1, -1, module.out_features)
     out: dict[str, Factor] = {}
     if "weight" in wanted:
+        xs, gs = scale_smaller(x, g, scale)
         out["weight"] = AffineFactor(
-            x.reshape(n, 1, -1, module.in_features), b, module.weight.shape
+            xs.reshape(n, 1, -1, module.in_features),
+            gs.reshape(n, 1, -1, module.out_features),
+            module.weight.shape,
         )
     if "bias" in wanted:
-        out["bias"] = DenseFactor(b.sum((1, 2)))
+        bias = g.reshape(n, -1, module.out_features).sum(1)
+        out["bias"] = DenseFactor(bias if scale == 1 else bias * scale)
     return out
