@@ -416,15 +416,25 @@ def register_instrument(cls: type[Instrument]) -> type[Instrument]:
     return cls
 
 
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The accumulation dtype of a norm: float32 and float64 their own, lower ones float32.
+
+    Torch reduces a float32 norm pairwise (relative error about 1e-7 at a million
+    entries, measured 4e-7 on 3C3D's gradient); asking for float64 converts every entry
+    first and took 4x as long (0.51 ms against 0.13 ms for 3C3D's 0.9M parameters).
+    """
+    return None if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def squared_norm(t: Tensor) -> float:
-    """``‖t‖²`` accumulated in float64 without a float64 copy of ``t``.
+    """``‖t‖²`` as a Python float, accumulated in ``t``'s precision (float32 at least).
 
     Example:
         >>> import torch
         >>> squared_norm(torch.tensor([[3.0], [4.0]]))
         25.0
     """
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+    return float(torch.linalg.vector_norm(t, dtype=_norm_dtype(t.dtype))) ** 2
 
 
 def host_floats(values: Sequence[Tensor]) -> list[float]:
@@ -480,7 +490,10 @@ def host_arrays(values: Sequence[Tensor]) -> list[np.ndarray]:
 
 
 def squared_norms(tensors: dict[str, Tensor]) -> dict[str, float]:
-    """``{name: ‖t‖²}`` in float64, one fused norm kernel and one host copy per device/dtype.
+    """``{name: ‖t‖²}``, one fused norm kernel and one host copy per device/dtype.
+
+    Each norm is accumulated in its tensor's precision (float32 at least, see
+    :func:`squared_norm`) and squared in float64.
 
     Example:
         >>> import torch
@@ -495,10 +508,11 @@ def squared_norms(tensors: dict[str, Tensor]) -> dict[str, float]:
     with torch.no_grad():
         for keys in groups.values():
             ts = [tensors[k] for k in keys]
+            acc = _norm_dtype(ts[0].dtype)
             try:  # the multi-tensor kernel clip_grad_norm_ uses
-                found = torch._foreach_norm(ts, 2, dtype=torch.float64)
+                found = torch._foreach_norm(ts, 2, dtype=acc)
             except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - older torch
-                found = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in ts]
+                found = [torch.linalg.vector_norm(t, dtype=acc) for t in ts]
             norm_of.update(zip(keys, found, strict=True))
     values = host_floats([norm_of[k] for k in names])
     return {k: v * v for k, v in zip(names, values, strict=True)}
@@ -523,7 +537,7 @@ def differences(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]
 
 
 def norms(step: int, instrument: str, tensors: dict[str, Tensor]) -> list[Record]:
-    """Rows ``‖t‖`` per tensor and the model-wide norm (``param="all"``), in float64.
+    """Rows ``‖t‖`` per tensor and the model-wide norm (``param="all"``), summed in float64.
 
     Args:
         step: The step of the rows.
