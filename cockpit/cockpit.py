@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -34,11 +35,12 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cockpit import schedules as _schedules
+from cockpit import sgd_update
 from cockpit.checks import all_finite
 from cockpit.engine import Engine
 from cockpit.layers.functorch import tensor_outputs
 from cockpit.losses import individual_losses
-from cockpit.quantities import Gathered
+from cockpit.quantities import Gathered, GradDot, Projection
 from instruments.base import (
     Histogram,
     Instrument,
@@ -198,6 +200,9 @@ class Cockpit:
         self._want_out_grads = False
         self._awaiting: tuple[StepContext, list[Instrument]] | None = None
         self._snapshot: dict[str, Tensor] | None = None
+        self._sgd: sgd_update.SGDPlan | None = None
+        #: How each step's per-sample projections onto its update were obtained.
+        self._update_sources: Counter[str] = Counter()
         self._closed = False
         self._handles = [
             model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
@@ -323,6 +328,14 @@ class Cockpit:
                     "call optimizer.zero_grad() before the forward pass."
                 )
         self._want_out_grads = any(p.output_grad for p in active.values())
+        self._sgd = None
+        if self._want_out_grads and finite and GradDot() in quantities and not FORCE_JVP:
+            # SGD's update is linear in ∇L, its momentum buffer and θ_t: project g_n
+            # onto the last two now and read ⟨g_n, Δθ⟩ off them after the step
+            self._sgd = sgd_update.arm(self.optimizer, self._trainable())
+            if self._sgd is not None:
+                quantities = quantities | {Projection(k) for k in self._sgd.directions}
+                directions.update(self._sgd.directions)
         gather = (
             self.engine.gather(quantities, directions=directions, keep_factors=self._want_out_grads)
             if quantities and finite
@@ -333,6 +346,8 @@ class Cockpit:
                 yield
         finally:
             self._want_out_grads = False
+        if self._sgd is not None:
+            sgd_update.after_backward(self._sgd, self._trainable())
         self._after_backward(step, loss_value, gathered, active)
 
     def _check_step(self, step: int) -> int:
@@ -432,7 +447,10 @@ class Cockpit:
     # ------------------------------------------------------- optimizer hooks
     def _optimizer_pre_hook(self, optimizer, args, kwargs) -> None:
         if self._awaiting is not None and not self._closed:
-            self._snapshot = {k: p.detach().clone() for k, p in self._trainable().items()}
+            params = self._trainable()
+            self._snapshot = {k: p.detach().clone() for k, p in params.items()}
+            if self._sgd is not None and not sgd_update.before_step(self._sgd, params):
+                self._sgd = None
 
     def _optimizer_post_hook(self, optimizer, args, kwargs) -> None:
         if self._awaiting is None or self._snapshot is None:
@@ -440,6 +458,7 @@ class Cockpit:
         ctx, waiting = self._awaiting
         before = self._snapshot
         self._awaiting = None
+        plan, self._sgd = self._sgd, None
         try:
             params = self._trainable()
             delta = differences(params, before)
@@ -449,6 +468,12 @@ class Cockpit:
                 ctx._directional = lambda u: self._directional_derivatives(
                     call, before, u, ctx.batch_size, ctx.gathered
                 )
+                if plan is not None and ctx.gathered is not None:
+                    coeffs = sgd_update.matches(plan, before, delta)
+                    if coeffs is not None:
+                        ctx._update_directional = lambda: self._sgd_projections(
+                            coeffs, ctx.gathered, ctx.batch_size
+                        )
             update = Update(delta, total)
             records: list[Record] = []
             for inst in waiting:
@@ -457,6 +482,7 @@ class Cockpit:
         finally:
             self._snapshot = None
             ctx._directional = None
+            ctx._update_directional = None
             ctx._call = None  # type: ignore[attr-defined]
             if ctx.gathered is not None:
                 ctx.gathered.release()
@@ -467,6 +493,26 @@ class Cockpit:
             self._awaiting[0].gathered.release()
         self._awaiting = None
         self._snapshot = None
+        self._sgd = None
+
+    def _sgd_projections(
+        self, coeffs: dict[str, sgd_update.Coefficients], gathered: Gathered, n: int
+    ) -> Tensor:
+        """``⟨g_n, Δθ⟩`` of an SGD step from projections gathered in its backward pass."""
+        # ⟨g_n, ∇L⟩ = ⟨g_n, ḡ⟩ for a mean loss, N·⟨g_n, ḡ⟩ for a sum
+        per_grad = n if getattr(self.loss_fn, "reduction", "mean") == "sum" else 1
+        grad_dot = gathered[GradDot()]
+        total: Tensor | None = None
+        for name, c in coeffs.items():
+            part = grad_dot[name] * (c.g * per_grad)
+            if c.b != 0.0:
+                part = part + gathered[Projection(sgd_update.PROJ_BUFFER)][name] * c.b
+            if c.theta != 0.0:
+                part = part + gathered[Projection(sgd_update.PROJ_PARAM)][name] * c.theta
+            total = part if total is None else total + part
+        self._update_sources["sgd"] += 1
+        assert total is not None
+        return total
 
     def _directional_derivatives(
         self,
@@ -486,7 +532,9 @@ class Cockpit:
         if gathered is not None and not FORCE_JVP:
             kept = gathered.project(direction)
             if kept is not None:
+                self._update_sources["factors"] += 1
                 return kept
+        self._update_sources["jvp"] += 1
         if not any(g is not None for g in call.out_grads):
             raise RuntimeError("the model output's gradient was not captured on this step")
         tangents = {k: direction.get(k, torch.zeros_like(v)).to(v.dtype) for k, v in theta.items()}

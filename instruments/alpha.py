@@ -345,5 +345,5 @@ class Alpha(Instrument):
             self._start = _Start(step, 0.0, None, losses, torch.zeros_like(losses))
             return []
         u = {k: (d / tau) for k, d in update.delta.items()}
-        self._start = _Start(step, tau, u, losses, ctx.directional_derivatives(u))
+        self._start = _Start(step, tau, u, losses, ctx.update_derivatives(update))
         return []

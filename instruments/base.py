@@ -199,6 +199,7 @@ class StepContext:
         self.individual_losses: Tensor | None = None
         self.gathered: Gathered | None = None
         self._directional: Callable[[dict[str, Tensor]], Tensor] | None = None
+        self._update_directional: Callable[[], Tensor] | None = None
         for k, v in kwargs.items():
             setattr(self, k, v)
 
@@ -214,6 +215,47 @@ class StepContext:
         if self._directional is None:
             raise RuntimeError("directional derivatives need Plan(output_grad=True)")
         return self._directional(direction)
+
+    def update_derivatives(self, update: Update) -> Tensor:
+        """Per-sample ``⟨g_n, Δθ⟩ / ‖Δθ‖`` at θ_t for this step's own update.
+
+        The same as :meth:`directional_derivatives` of ``Δθ / ‖Δθ‖``; for
+        ``torch.optim.SGD`` the cockpit can read it off projections gathered in the
+        backward pass (:mod:`cockpit.sgd_update`) instead of projecting afterwards.
+
+        Example:
+            >>> import torch
+            >>> from cockpit import Cockpit
+            >>> from instruments import Instrument
+            >>> from instruments.base import Plan
+            >>> class Slope(Instrument):  # per-sample slopes along the step taken
+            ...     name = "slope"
+            ...     def plan(self, step):
+            ...         return Plan(update=True, output_grad=True)
+            ...     def on_update(self, ctx, update):
+            ...         self.fast = ctx.update_derivatives(update)
+            ...         u = {k: d / update.norm for k, d in update.delta.items()}
+            ...         self.slow = ctx.directional_derivatives(u)
+            ...         return []
+            >>> _ = torch.manual_seed(0)
+            >>> model, loss_fn = torch.nn.Linear(3, 2).double(), torch.nn.MSELoss()
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> x, y = torch.randn(8, 3).double(), torch.randn(8, 2).double()
+            >>> slope = Slope()
+            >>> with Cockpit(model, loss_fn, opt, [slope]) as cockpit:
+            ...     loss = loss_fn(model(x), y)
+            ...     with cockpit.step(0, loss):
+            ...         loss.backward()
+            ...     opt.step()
+            >>> slope.fast.shape, torch.allclose(slope.fast, slope.slow)
+            (torch.Size([8]), True)
+        """
+        if update.norm == 0.0:
+            raise ValueError("the update is zero: it has no direction")
+        fast = getattr(self, "_update_directional", None)
+        if fast is not None:
+            return fast() / update.norm
+        return self.directional_derivatives({k: d / update.norm for k, d in update.delta.items()})
 
 
 @dataclass

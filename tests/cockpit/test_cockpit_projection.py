@@ -171,3 +171,102 @@ def _recording(emit, seen):
         return emit(self, records)
 
     return wrapper
+
+
+# ---------------------------------------------------------------- SGD's update predicted
+SGD = {
+    "plain": dict(lr=0.3),
+    "momentum": dict(lr=0.3, momentum=0.9),
+    "nesterov_decay": dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "dampening_maximize": dict(
+        lr=0.1, momentum=0.5, dampening=0.3, weight_decay=0.02, maximize=True
+    ),
+}
+
+
+def _alpha_run(monkeypatch, force_jvp, make_opt, reduction="mean", clip=None, build=None):
+    """Alpha and the inner test on a small CNN for 4 steps: (alpha rows, update sources)."""
+    monkeypatch.setattr(cockpit_module, "FORCE_JVP", force_jvp)
+    seen = []
+    monkeypatch.setattr(Cockpit, "_emit", _recording(Cockpit._emit, seen), raising=True)
+    torch.manual_seed(1)
+    model = (build or models.cnn)()
+    data = [(torch.randn(5, 2, 8, 8), torch.randint(0, 3, (5,))) for _ in range(4)]
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    opt = make_opt(model.parameters())
+    with Cockpit(model, loss_fn, opt, ["alpha", "inner_test"]) as ck:
+        for step, (x, y) in enumerate(data):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            with ck.step(step, loss):
+                loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+        sources = dict(ck._update_sources)
+    monkeypatch.undo()
+    return [(r.step, r.value) for r in seen if r.instrument == "alpha"], sources
+
+
+def _assert_same_alphas(fast, reference):
+    assert len(fast) == 3 and [s for s, _ in fast] == [s for s, _ in reference]
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in fast]),
+        torch.tensor([v for _, v in reference]),
+        rtol=1e-9,
+        atol=1e-10,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("config", list(SGD))
+def test_sgd_update_projections_equal_forward_mode(config, reduction, monkeypatch):
+    # ⟨g_n, Δθ⟩ read off ⟨g_n, ∇L⟩ and the projections onto the momentum buffer and θ_t
+    def make(params):
+        return torch.optim.SGD(params, **SGD[config])
+
+    fast, sources = _alpha_run(monkeypatch, False, make, reduction)
+    reference, ref_sources = _alpha_run(monkeypatch, True, make, reduction)
+    _assert_same_alphas(fast, reference)
+    assert sources == {"sgd": 4}, "every step's projections come from the backward pass"
+    assert ref_sources == {"jvp": 4}
+
+
+def test_sgd_update_with_clipped_gradients_projects_kept_factors(monkeypatch):
+    # clipping rescales ∇L in place after the pass: the prediction no longer holds
+    def make(params):
+        return torch.optim.SGD(params, lr=0.3, momentum=0.9)
+
+    fast, sources = _alpha_run(monkeypatch, False, make, clip=1e-3)
+    reference, _ = _alpha_run(monkeypatch, True, make, clip=1e-3)
+    _assert_same_alphas(fast, reference)
+    assert sources == {"factors": 4}
+
+
+def test_other_optimizers_and_sgd_subclasses_project_kept_factors(monkeypatch):
+    class MySGD(torch.optim.SGD):  # may step differently: never predicted
+        pass
+
+    for make in (
+        lambda p: torch.optim.Adam(p, lr=0.01),
+        lambda p: MySGD(p, lr=0.3),
+    ):
+        fast, sources = _alpha_run(monkeypatch, False, make)
+        reference, _ = _alpha_run(monkeypatch, True, make)
+        _assert_same_alphas(fast, reference)
+        assert sources == {"factors": 4}
+
+
+def test_sgd_update_that_does_not_match_the_prediction_falls_back(monkeypatch):
+    # the step is checked against the prediction: a parameter moved by something else
+    # after SGD's step (here, a post-step hook) makes the factors answer instead
+    def make(params):
+        opt = torch.optim.SGD(params, lr=0.3)
+        first = opt.param_groups[0]["params"][0]
+        opt.register_step_post_hook(lambda *_: first.data.mul_(0.999))
+        return opt
+
+    fast, sources = _alpha_run(monkeypatch, False, make)
+    reference, _ = _alpha_run(monkeypatch, True, make)
+    _assert_same_alphas(fast, reference)
+    assert sources == {"factors": 4}
