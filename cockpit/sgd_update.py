@@ -134,33 +134,30 @@ def arm(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> SG
     if type(optimizer) is not torch.optim.SGD:
         return None
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    groups, buffers, versions = {}, {}, {}
+    groups, buffers = {}, {}
     directions: dict[str, dict[str, Tensor]] = {}
     for name, p in params.items():
         group = group_of.get(id(p))
         if group is None or group.get("differentiable", False):
             return None
         groups[name] = group
-        version: tuple[int, ...] = (p._version,)
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if float(group.get("momentum", 0.0)) != 0.0 and buf is not None:
             buffers[name] = buf
             directions.setdefault(PROJ_BUFFER, {})[name] = buf
-            version += (buf._version,)
         if float(group.get("weight_decay", 0.0)) != 0.0:
             directions.setdefault(PROJ_PARAM, {})[name] = p.detach()
-        versions[name] = version
-    return SGDPlan(directions, groups, buffers, versions)
+    return SGDPlan(directions, groups, buffers, _versions(params, buffers))
 
 
-def _versions(plan: SGDPlan, params: dict[str, nn.Parameter]) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for name, p in params.items():
-        version: tuple[int, ...] = (p._version,)
-        if name in plan.buffers:
-            version += (plan.buffers[name]._version,)
-        out[name] = version
-    return out
+def _versions(
+    params: dict[str, nn.Parameter], buffers: dict[str, Tensor]
+) -> dict[str, tuple[int, ...]]:
+    """Version counters of each parameter and, where it has one, its momentum buffer."""
+    return {
+        k: (p._version, buffers[k]._version) if k in buffers else (p._version,)
+        for k, p in params.items()
+    }
 
 
 def after_backward(plan: SGDPlan, params: dict[str, nn.Parameter]) -> None:
@@ -180,7 +177,7 @@ def before_step(plan: SGDPlan, params: dict[str, nn.Parameter]) -> bool:
     for k, (g, version) in plan.grads.items():
         if now[k] is not g or g._version != version:
             return False
-    if _versions(plan, params) != plan.versions:
+    if _versions(params, plan.buffers) != plan.versions:
         return False
     plan.before = {k: b.detach().clone() for k, b in plan.buffers.items()}
     return True
@@ -208,13 +205,14 @@ def matches(
             c = coefficients(plan.groups[name], name in plan.buffers)
             t, d = theta[name], delta[name]
             pred = grad.to(d.dtype) * c.g
-            bound = float(t.norm()) + float((t + d).norm()) + abs(c.g) * float(grad.norm())
+            t_norm = float(t.norm())
+            bound = t_norm + float((t + d).norm()) + abs(c.g) * float(grad.norm())
             if c.b != 0.0:
                 pred = pred + plan.before[name].to(d.dtype) * c.b
                 bound += abs(c.b) * float(plan.before[name].norm())
             if c.theta != 0.0:
                 pred = pred + t * c.theta
-                bound += abs(c.theta) * float(t.norm())
+                bound += abs(c.theta) * t_norm
             eps = torch.finfo(d.dtype).eps if d.dtype.is_floating_point else 0.0
             if not float((d - pred).norm()) <= ROUNDING * eps * bound:
                 return None
