@@ -55,6 +55,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -62,11 +63,18 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 
 from cockpit.curvature import ActivationRule, CurvaturePass, activation_rule
-from cockpit.factors import Factor, combine
+from cockpit.factors import MEAN_GRADIENT, Factor, combine
 from cockpit.layers import LayerRule, UnsupportedModuleError, find_rule
 from cockpit.layers.functorch import functorch_rule, tensor_outputs
 from cockpit.linops import HessianOperator, twice_differentiable
-from cockpit.quantities import CURVATURE, Gathered, Projection, Quantity, tensor_versions
+from cockpit.quantities import (
+    CURVATURE,
+    Gathered,
+    GradDot,
+    Projection,
+    Quantity,
+    tensor_versions,
+)
 
 __all__ = ["Engine", "UnsupportedModuleError"]
 
@@ -99,6 +107,12 @@ class _Use:
     order: int = 0  # position among the calls of this generation
     out_keys: list[tuple[int, int] | None] = field(default_factory=list)  # graph keys
     out_numel: int = 0
+    # {local parameter name: index} of the parameters that the output's autograd node
+    # consumes directly as leaves: that node's gradient for them is this use's batch
+    # gradient, read in a hook on the node (see Engine._node_hook)
+    leaf_edges: dict[str, int] | None = None
+    awaiting_node: bool = False
+    batch_grads: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,6 +149,7 @@ class _Generation:
     batch_sizes: dict[int, str] = field(default_factory=dict)
     invalid: dict[str, str] = field(default_factory=dict)
     deferred: list[_Use] = field(default_factory=list)
+    awaiting: list[_Use] = field(default_factory=list)  # processed when their node has run
     uses: list[weakref.ref] = field(default_factory=list)
     acts: list[weakref.ref] = field(default_factory=list)
     counter: int = 0
@@ -166,6 +181,23 @@ def _key(t: Tensor) -> tuple[int, int] | None:
     """Graph key of a tensor: its node's sequence number and its output number."""
     fn = t.grad_fn
     return None if fn is None else (fn._sequence_nr(), t.output_nr)
+
+
+def _leaf_edges(node, params: Mapping[str, Tensor]) -> dict[str, int]:
+    """``{name: i}`` for the ``params`` that ``node`` takes as leaves at input ``i``.
+
+    A parameter reaches an autograd node as a leaf through an ``AccumulateGrad`` edge;
+    the node's gradient on that edge is then the batch gradient of this use of it.
+    """
+    if node is None:
+        return {}
+    by_id = {id(p): k for k, p in params.items()}
+    edges = {}
+    for i, (fn, _) in enumerate(node.next_functions):
+        var = getattr(fn, "variable", None) if fn is not None else None
+        if var is not None and id(var) in by_id:
+            edges[by_id[id(var)]] = i
+    return edges
 
 
 def _detach(x):
@@ -456,6 +488,12 @@ class Engine:
             gen.deferred.append(use)
         for i in needs:
             outs[i].register_hook(self._grad_hook(use, i))
+        if len(needs) == 1 and hooked.rule.direct:
+            node = outs[needs[0]].grad_fn
+            edges = _leaf_edges(node, {k: hooked.params[k] for k in wanted})
+            if edges:
+                use.leaf_edges = edges
+                node.register_hook(self._node_hook(use))
 
     def _warn_parameter_input(self, name: str, hooked: _Hooked, module: nn.Module) -> None:
         """Once per (parameter, module): a parameter fed to a hooked module directly."""
@@ -615,7 +653,35 @@ class Engine:
             use.grads[index] = grad
             use.waiting -= 1
             if use.waiting == 0 and not use.done:
-                self._process(use)
+                if use.leaf_edges and armed.wants_batch_grads:
+                    use.awaiting_node = True  # the node's hook processes it
+                    self._generation.awaiting.append(use)
+                else:
+                    self._process(use)
+
+        return hook
+
+    def _node_hook(self, use: _Use):
+        """Hook on the autograd node that made a use's output, run after that node.
+
+        Its gradients for the parameters it consumes as leaves are the batch gradient
+        of this use: ⟨g_n, ḡ⟩ then needs no pass over all samples' gradients at once
+        (see :data:`cockpit.factors.MEAN_GRADIENT`), so per-sample gradients are built
+        in chunks of samples, the shape their kernels run fastest in.
+        """
+
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            if self._in_curvature or not use.awaiting_node or use.done:
+                return
+            armed = self._armed
+            if armed is None or armed.finished:
+                return
+            use.awaiting_node = False
+            assert use.leaf_edges is not None
+            for local, i in use.leaf_edges.items():
+                if grad_inputs[i] is not None:
+                    use.batch_grads[local] = grad_inputs[i]
+            self._process(use)
 
         return hook
 
@@ -647,8 +713,11 @@ class Engine:
                 factors = rule.fn(use.module, use.args, use.kwargs, grads, use.wanted)
         finally:
             self._suspended = False
+        batch_grads, use.batch_grads = use.batch_grads, {}
         for local, factor in factors.items():
             name = self._names[use.hooked.params[local]]
+            if local in batch_grads and self._generation.param_uses.get(name, 1) == 1:
+                armed.batch_grads[name] = batch_grads[local]
             if factor.n != armed.n:
                 raise ValueError(
                     f"module {use.hooked.name!r} ({type(use.module).__name__}): per-sample "
@@ -667,6 +736,9 @@ class Engine:
         factor: Factor = combine(factors)
         param = self._param_by_name(name)
         directions = {k: v.get(name) for k, v in armed.directions.items()}
+        batch_grad = armed.batch_grads.pop(name, None)
+        if batch_grad is not None:  # ḡ = (1/N) Σ_n g_n with g_n scaled like the factors
+            directions[MEAN_GRADIENT] = batch_grad.detach() * (armed.scale / armed.n)
         with torch.no_grad():
             if armed.keep_factors:  # slimmed, or the per-sample gradients if built anyway
                 values, kept = factor.reduce_and_keep(armed.requests, param.detach(), directions)
@@ -686,6 +758,10 @@ class Engine:
         if armed is None:
             return
         try:
+            for use in self._generation.awaiting:  # their node did not run (pruned graph)
+                if not use.done:
+                    use.awaiting_node = False
+                    self._process(use)
             for use in self._generation.deferred:
                 if not use.done and any(g is not None for g in use.grads):
                     self._process(use)
@@ -949,6 +1025,13 @@ class _Armed:
     finished: bool = False
     curvature: CurvaturePass | None = None
     keep_factors: bool = False
+    # batch gradients of single-use parameters, read off their layers' autograd nodes
+    batch_grads: dict[str, Tensor] = field(default_factory=dict)
+
+    @cached_property
+    def wants_batch_grads(self) -> bool:
+        """Whether a request uses ḡ: ⟨g_n, ḡ⟩ (the gradient tests)."""
+        return any(isinstance(q, GradDot) for q in self.requests)
 
     def start(self) -> None:
         if not self.started:

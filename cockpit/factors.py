@@ -59,6 +59,7 @@ __all__ = [
     "DenseFactor",
     "AffineFactor",
     "EmbeddingFactor",
+    "MEAN_GRADIENT",
     "combine",
     "bin_index",
     "bin_edges_of",
@@ -70,10 +71,15 @@ __all__ = [
     "combine_columns",
 ]
 
-#: Quantities that need the per-sample gradient of every sample at once.
-_NEEDS_ALL_ROWS = (BatchDot, GradDot)
+#: Key of ``directions`` under which :meth:`Factor.reduce` may receive the mean
+#: gradient ``ḡ = (1/N) Σ_n g_n`` of the parameter (scaled like the factor). With it,
+#: ⟨g_n, ḡ⟩ (:class:`~cockpit.quantities.GradDot`) is a projection, computed from each
+#: chunk of samples on its own; without it, ḡ is the mean of the built per-sample
+#: gradients, which then have to be built for all samples at once (in chunks of
+#: parameter rows). The engine reads ḡ off the layer's autograd node.
+MEAN_GRADIENT = "__mean_gradient__"
 #: Elements per chunk when individual gradients are built (chunks of samples, or of
-#: parameter rows when the Gram matrix or ⟨g_n, ḡ⟩ is requested).
+#: parameter rows when the Gram matrix, or ⟨g_n, ḡ⟩ without ḡ, is requested).
 #: 16 MiB in float32: larger blocks come from ``mmap`` on glibc and are page-faulted
 #: afresh at every step (measured: 0.21 ms/MiB against 0.05 below 32 MiB).
 CHUNK_ELEMENTS = 1 << 22
@@ -653,7 +659,9 @@ class DenseFactor(Factor):
                 gram = flat @ flat.T if gram is None else gram
                 out[q] = gram
             elif isinstance(q, GradDot):
-                out[q] = flat @ flat.mean(0)
+                mean = directions.get(MEAN_GRADIENT)
+                mean = flat.mean(0) if mean is None else mean.reshape(-1).to(flat.dtype)
+                out[q] = flat @ mean
             elif isinstance(q, SecondMoment):
                 # a product and a column sum: 1.6x faster than einsum("ni,ni->i"),
                 # which runs as D batched 1×N·N×1 matmuls
@@ -863,7 +871,11 @@ class AffineFactor(Factor):
         if self.n * numel <= limit:
             return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
         rows = self.shape[0]
-        needs_all_samples = any(isinstance(q, _NEEDS_ALL_ROWS) for q in requests)
+        needs_all_samples = any(
+            isinstance(q, BatchDot)
+            or (isinstance(q, GradDot) and directions.get(MEAN_GRADIENT) is None)
+            for q in requests
+        )
         if needs_all_samples and self.groups == 1 and rows > 1:
             # the Gram matrix and ⟨g_n, ḡ⟩ pair every sample with every other: chunks
             # of output rows for all samples, over which every quantity adds up (or
@@ -884,6 +896,7 @@ class AffineFactor(Factor):
         if needs_all_samples:  # grouped
             return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
         chunk = max(1, limit // max(1, numel))
+        chunk = -(-self.n // -(-self.n // chunk))  # as many chunks, of equal size
         parts = []
         for start in range(0, self.n, chunk):
             dense = DenseFactor(self.to_dense(start, start + chunk), owned=True)
@@ -896,7 +909,7 @@ def _merge_chunks(requests: list[Quantity], parts: list[dict[Quantity, Tensor]])
     out = {}
     for q in requests:
         values = [p[q] for p in parts]
-        if isinstance(q, (BatchL2, Projection, IndividualGradients)):
+        if isinstance(q, (BatchL2, GradDot, Projection, IndividualGradients)):
             out[q] = torch.cat(values)
         else:  # SecondMoment, Hist1D, Hist2D: sums over samples
             out[q] = torch.stack(values).sum(0)

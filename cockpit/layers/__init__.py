@@ -96,6 +96,10 @@ class LayerRule:
             first tensor input.
         scales: The rule takes the output gradients unscaled and a ``scale=`` keyword
             (see the module docstring); otherwise the engine scales them first.
+        direct: The module's output is made by one autograd node that takes each of
+            the module's parameters as a leaf and uses it nowhere else (a convolution):
+            that node's gradients for them are the batch gradients of this use, which
+            the engine reads off it for ⟨g_n, ḡ⟩.
 
     Example:
         >>> import torch
@@ -119,6 +123,7 @@ class LayerRule:
     recurse: bool = False
     batch_size: Callable[[nn.Module, tuple, dict], int] | None = None
     scales: bool = False
+    direct: bool = False
 
 
 _RULES: dict[type, LayerRule] = {}
@@ -131,6 +136,7 @@ def register_layer(
     batch_size: Callable[[nn.Module, tuple, dict], int] | None = None,
     overwrite: bool = False,
     scales: bool = False,
+    direct: bool = False,
 ) -> Callable[[RuleFn], RuleFn]:
     """Register a rule function for module types (decorator).
 
@@ -141,6 +147,8 @@ def register_layer(
         batch_size: How to read N from the module's inputs (default: dim 0).
         overwrite: Replace an existing rule for the same type instead of raising.
         scales: The rule applies the gradient scale itself (``fn(..., scale=s)``).
+        direct: The module's output comes from one autograd node that uses each
+            parameter once, as a leaf (see :class:`LayerRule`).
 
     Example:
         >>> import torch
@@ -187,7 +195,7 @@ def register_layer(
         for t in types:
             if t in _RULES and not overwrite:
                 raise ValueError(f"a layer rule for {t.__name__} exists ({_RULES[t].name})")
-            _RULES[t] = LayerRule(fn.__name__, fn, check, recurse, batch_size, scales)
+            _RULES[t] = LayerRule(fn.__name__, fn, check, recurse, batch_size, scales, direct)
         return fn
 
     return decorator

@@ -371,7 +371,7 @@ def _conv_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, t
     return x, tuple(padding)
 
 
-@register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d, scales=True)
+@register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d, scales=True, direct=True)
 def conv(
     module: nn.modules.conv._ConvNd, args, kwargs, grad_outputs, wanted, scale: float = 1.0
 ) -> dict[str, Factor]:
@@ -411,7 +411,9 @@ def conv(
     return out
 
 
-@register_layer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, scales=True)
+@register_layer(
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, scales=True, direct=True
+)
 def conv_transpose(
     module: nn.modules.conv._ConvTransposeNd,
     args,

@@ -356,3 +356,76 @@ def test_no_grad_forward_is_ignored():
         with engine.gather([BatchL2()]) as result:
             loss.backward()
     assert result.batch_size == 4
+
+
+class _ConvTwice(nn.Module):
+    """A convolution applied twice (its weight has two uses), then one applied once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twice = nn.Conv2d(3, 3, 3, padding=1)
+        self.once = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.twice(torch.tanh(self.twice(x))))
+        return self.head(self.once(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_dot_reads_the_batch_gradient_off_the_convolution_node(reduction, monkeypatch):
+    """⟨g_n, ḡ⟩ of a convolution with one use takes ḡ from the gradient its autograd
+    node computes for the weight, so its per-sample gradients are built in chunks of
+    samples; a convolution used twice computes ḡ from its per-sample gradients (chunks
+    of rows). Both equal the reference, for both reductions."""
+    import cockpit.factors as factors
+    from cockpit.factors import MEAN_GRADIENT, AffineFactor
+
+    torch.manual_seed(3)
+    model = _ConvTwice()
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    x, y = torch.randn(6, 3, 5, 5), torch.randint(0, 2, (6,))
+    monkeypatch.setattr(factors, "CHUNK_ELEMENTS", 2 * 4 * 27)  # 2 samples of `once`
+    rows, means = [], {}
+    real_rows, real_materialized = AffineFactor.to_dense_rows, AffineFactor._materialized
+
+    def to_dense_rows(self, lo, hi):
+        rows.append(tuple(self.shape))
+        return real_rows(self, lo, hi)
+
+    def materialized(self, requests, param, directions):
+        means[tuple(self.shape)] = directions.get(MEAN_GRADIENT)
+        return real_materialized(self, requests, param, directions)
+
+    monkeypatch.setattr(AffineFactor, "to_dense_rows", to_dense_rows)
+    monkeypatch.setattr(AffineFactor, "_materialized", materialized)
+    qs = [GradDot(), BatchL2(), SecondMoment()]
+    result = gather(model, loss_fn, x, y, qs)
+    ref = per_sample_grads_func(model, loss_fn, x, y)
+    params = trainable(model)
+    for q in qs:
+        for name, g in ref.items():
+            expected = quantity_from_grads(q, g, params[name].detach(), None)
+            torch.testing.assert_close(result[q][name], expected, **TOL, msg=f"{q} {name}")
+    once, twice = tuple(model.once.weight.shape), tuple(model.twice.weight.shape)
+    scale = 1.0 if reduction == "mean" else 1 / 6  # ḡ = (1/N) Σ_n g_n either way
+    torch.testing.assert_close(means[once], model.once.weight.grad * scale)
+    assert means[twice] is None, "two uses: ḡ is not one node's gradient"
+    assert once not in rows and twice in rows
+
+
+def test_awaited_layer_whose_node_never_runs_is_processed_at_the_end():
+    """A gradient taken with respect to a convolution's output stops before its node: the
+    layer is still processed (with ḡ from its per-sample gradients) when the pass ends."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(2, 3, 3)
+    x = torch.randn(4, 2, 5, 5)
+    with Engine(conv, None) as engine:
+        out = conv(x)
+        loss = out.square().sum()
+        with engine.gather([GradDot(), BatchL2()], reduction="sum") as result:
+            (g,) = torch.autograd.grad(loss, out)
+    a = torch.nn.functional.unfold(x, 3).transpose(1, 2)  # [N, S, I]
+    grads = torch.einsum("nos,nsi->noi", g.flatten(2), a).flatten(1)  # [N, D] weight
+    torch.testing.assert_close(result[BatchL2()]["weight"], (grads**2).sum(1), **TOL)
+    torch.testing.assert_close(result[GradDot()]["weight"], grads @ grads.mean(0), **TOL)

@@ -231,6 +231,40 @@ def test_chunked_materialization_equals_the_explicit_quantities(kind, pairs, mon
         torch.testing.assert_close(got[q], expected[q], rtol=tol, atol=tol, msg=f"{q}")
 
 
+@pytest.mark.parametrize("kind", ["affine_seq", "conv_unfold", "conv_grouped", "conv_groups2"])
+def test_grad_dot_with_the_mean_gradient_given_chunks_samples(kind, monkeypatch):
+    """With ḡ passed under MEAN_GRADIENT, ⟨g_n, ḡ⟩ is a projection: the per-sample
+    gradients are built in chunks of samples (not of parameter rows), of equal size,
+    and ⟨g_n, ḡ⟩ equals the explicit one."""
+    from cockpit.factors import MEAN_GRADIENT
+    from cockpit.quantities import BatchL2, GradDot, SecondMoment
+
+    factor = _chunk_case(kind)
+    dense = factor.to_dense()
+    n, shape = dense.shape[0], dense.shape[1:]
+    flat = dense.reshape(n, -1)
+    mean = dense.mean(0)
+    expected = {
+        GradDot(): flat @ mean.reshape(-1),
+        BatchL2(): (flat**2).sum(1),
+        SecondMoment(): (flat**2).sum(0).view(shape),
+    }
+    limit = n - 1  # samples a chunk: N = 5 → 3 + 2 (not 4 + 1), N = 3 → 2 + 1
+    monkeypatch.setattr(factors, "CHUNK_ELEMENTS", limit * shape.numel())
+    sizes = []
+    rows, samples = factor.to_dense_rows, factor.to_dense
+    monkeypatch.setattr(factor, "to_dense_rows", lambda *a: sizes.append("rows") or rows(*a))
+    monkeypatch.setattr(
+        factor, "to_dense", lambda lo=0, hi=None: sizes.append(min(hi, n) - lo) or samples(lo, hi)
+    )
+    got = factor._materialized(list(expected), torch.zeros(shape), {MEAN_GRADIENT: mean})
+    assert sizes == [(n + 1) // 2, n // 2]
+    for q, ref in expected.items():
+        torch.testing.assert_close(got[q], ref, rtol=1e-12, atol=1e-12, msg=f"{q}")
+    wrong = factor._materialized([GradDot()], torch.zeros(shape), {MEAN_GRADIENT: 2 * mean})
+    assert not torch.allclose(wrong[GradDot()], expected[GradDot()])  # ḡ is what is used
+
+
 @pytest.mark.parametrize(
     "kind", ["affine_seq", "affine_s1", "conv_unfold", "conv_grouped", "conv_groups2"]
 )
