@@ -111,8 +111,6 @@ class _Use:
     # consumes directly as leaves: that node's gradient for them is this use's batch
     # gradient, read in a hook on the node (see Engine._node_hook)
     leaf_edges: dict[str, int] | None = None
-    awaiting_node: bool = False
-    batch_grads: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -654,8 +652,7 @@ class Engine:
             use.waiting -= 1
             if use.waiting == 0 and not use.done:
                 if use.leaf_edges and armed.wants_batch_grads:
-                    use.awaiting_node = True  # the node's hook processes it
-                    self._generation.awaiting.append(use)
+                    self._generation.awaiting.append(use)  # the node's hook processes it
                 else:
                     self._process(use)
 
@@ -671,17 +668,15 @@ class Engine:
         """
 
         def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
-            if self._in_curvature or not use.awaiting_node or use.done:
+            # not yet received (another pass) or already processed (no ḡ wanted)
+            if self._in_curvature or use.waiting or use.done:
                 return
             armed = self._armed
             if armed is None or armed.finished:
                 return
-            use.awaiting_node = False
             assert use.leaf_edges is not None
-            for local, i in use.leaf_edges.items():
-                if grad_inputs[i] is not None:
-                    use.batch_grads[local] = grad_inputs[i]
-            self._process(use)
+            edges = use.leaf_edges.items()
+            self._process(use, {k: grad_inputs[i] for k, i in edges if grad_inputs[i] is not None})
 
         return hook
 
@@ -695,7 +690,8 @@ class Engine:
         self._generation = _Generation()
 
     # ------------------------------------------------------------ processing
-    def _process(self, use: _Use) -> None:
+    def _process(self, use: _Use, batch_grads: Mapping[str, Tensor] | None = None) -> None:
+        """Reduce one use's factors; ``batch_grads`` are its node's parameter gradients."""
         armed = self._armed
         assert armed is not None
         use.done = True
@@ -713,10 +709,9 @@ class Engine:
                 factors = rule.fn(use.module, use.args, use.kwargs, grads, use.wanted)
         finally:
             self._suspended = False
-        batch_grads, use.batch_grads = use.batch_grads, {}
         for local, factor in factors.items():
             name = self._names[use.hooked.params[local]]
-            if local in batch_grads and self._generation.param_uses.get(name, 1) == 1:
+            if batch_grads and local in batch_grads and self._generation.param_uses[name] == 1:
                 armed.batch_grads[name] = batch_grads[local]
             if factor.n != armed.n:
                 raise ValueError(
@@ -760,7 +755,6 @@ class Engine:
         try:
             for use in self._generation.awaiting:  # their node did not run (pruned graph)
                 if not use.done:
-                    use.awaiting_node = False
                     self._process(use)
             for use in self._generation.deferred:
                 if not use.done and any(g is not None for g in use.grads):
