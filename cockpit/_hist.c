@@ -193,11 +193,48 @@ BINS(double)
 
 /* 1D counts of the outer products b[r, o] * s[r, i] from rows s sorted ascending, all
  * finite: the bins of a row's entries are monotone in s (every op of the binning is
- * monotone), so each run of one bin is found by a binary search that evaluates the
- * exact binning at its probes. Equal to binning every entry, at the cost of one
- * search per distinct bin of a row instead of one binning per entry. counts has
- * size = bins + 1 entries (the last, NaN, stays 0). */
+ * monotone), so each run of one bin ends where a search finds the bin change, and every
+ * probe of the search evaluates the exact binning. Equal to binning every entry, at the
+ * cost of a few probes per distinct bin of a row instead of one binning per entry.
+ * Rows r of one sample share s[r]; taken in ascending order of b (the caller sorts each
+ * row of b: the counts do not depend on the order of o), a run ends near where it ended
+ * in the previous row of the same sign, so each search gallops out from that position
+ * (a hint only: the probes alone decide). counts has size = bins + 1 entries (the last,
+ * NaN, stays 0). */
 #define OUTER1D(T)                                                                        \
+    static inline int64_t run_end_##T(const T *row, int64_t lo_j, int64_t hi_j, int64_t h, \
+                                      T bo, T bin, T k_, T f_, T lo_, T hi_, T nan_s) {   \
+        /* the first j in [lo_j, hi_j] whose bin differs from `bin` (hi_j's does) */      \
+        if (h >= lo_j && h <= hi_j) {                                                     \
+            if (bin_##T(bo * row[h], k_, f_, lo_, hi_, nan_s) != bin) {                   \
+                hi_j = h;                                                                 \
+                for (int64_t step = 1; h - step >= lo_j; step *= 2) {                     \
+                    if (bin_##T(bo * row[h - step], k_, f_, lo_, hi_, nan_s) == bin) {    \
+                        lo_j = h - step + 1;                                              \
+                        break;                                                            \
+                    }                                                                     \
+                    hi_j = h - step;                                                      \
+                }                                                                         \
+            } else {                                                                      \
+                lo_j = h + 1;                                                             \
+                for (int64_t step = 1; h + step < hi_j; step *= 2) {                      \
+                    if (bin_##T(bo * row[h + step], k_, f_, lo_, hi_, nan_s) != bin) {    \
+                        hi_j = h + step;                                                  \
+                        break;                                                            \
+                    }                                                                     \
+                    lo_j = h + step + 1;                                                  \
+                }                                                                         \
+            }                                                                             \
+        }                                                                                 \
+        while (lo_j < hi_j) {                                                             \
+            const int64_t mid = lo_j + (hi_j - lo_j) / 2;                                 \
+            if (bin_##T(bo * row[mid], k_, f_, lo_, hi_, nan_s) != bin)                   \
+                hi_j = mid;                                                               \
+            else                                                                          \
+                lo_j = mid + 1;                                                           \
+        }                                                                                 \
+        return lo_j;                                                                      \
+    }                                                                                     \
     int cockpit_outer1d_##T(const T *s, const T *b, int64_t rows, int64_t in, int64_t out, \
                             double k, double frac, double lo, double hi, int64_t ioff,    \
                             int64_t size, int64_t *counts, int threads) {                 \
@@ -207,36 +244,37 @@ BINS(double)
         if (in == 0) return 0;                                                            \
         _Pragma("omp parallel num_threads(threads) reduction(|:fail)") {                  \
             int64_t *own = calloc((size_t)size, sizeof(int64_t));                         \
+            int64_t *hint = malloc(2 * (size_t)size * sizeof(int64_t)); /* by sign */     \
             _Pragma("omp for schedule(static)")                                           \
-            for (int64_t task = 0; task < rows * out; task++) {                           \
-                const int64_t r = task / out, o = task % out;                             \
+            for (int64_t r = 0; r < rows; r++) {                                          \
+                if (!own || !hint) continue;                                              \
                 const T *row = s + r * in;                                                \
-                if (!own) continue;                                                       \
-                const T bo = b[r * out + o];                                              \
-                int64_t pos = 0;                                                          \
-                T bin = bin_##T(bo * row[0], k_, f_, lo_, hi_, nan_s);                    \
-                const T last = bin_##T(bo * row[in - 1], k_, f_, lo_, hi_, nan_s);        \
-                while (bin != last && pos < in - 1) {                                     \
-                    int64_t lo_j = pos + 1, hi_j = in - 1; /* row[in - 1] is past bin */  \
-                    while (lo_j < hi_j) {                                                 \
-                        int64_t mid = lo_j + (hi_j - lo_j) / 2;                           \
-                        if (bin_##T(bo * row[mid], k_, f_, lo_, hi_, nan_s) != bin)       \
-                            hi_j = mid;                                                   \
-                        else                                                              \
-                            lo_j = mid + 1;                                               \
+                for (int64_t j = 0; j < 2 * size; j++) hint[j] = -1;                      \
+                for (int64_t o = 0; o < out; o++) {                                       \
+                    const T bo = b[r * out + o];                                          \
+                    int64_t *h = hint + (bo < 0 ? size : 0);                              \
+                    int64_t pos = 0;                                                      \
+                    T bin = bin_##T(bo * row[0], k_, f_, lo_, hi_, nan_s);                \
+                    const T last = bin_##T(bo * row[in - 1], k_, f_, lo_, hi_, nan_s);    \
+                    while (bin != last) { /* row[in - 1] is past bin */                   \
+                        const int64_t v = (int64_t)bin + ioff;                            \
+                        const int64_t end = run_end_##T(row, pos + 1, in - 1, h[v], bo, bin, \
+                                                        k_, f_, lo_, hi_, nan_s);         \
+                        own[v] += end - pos;                                              \
+                        h[v] = end;                                                       \
+                        pos = end;                                                        \
+                        bin = bin_##T(bo * row[pos], k_, f_, lo_, hi_, nan_s);            \
                     }                                                                     \
-                    own[(int64_t)bin + ioff] += lo_j - pos;                               \
-                    pos = lo_j;                                                           \
-                    bin = bin_##T(bo * row[pos], k_, f_, lo_, hi_, nan_s);                \
+                    own[(int64_t)last + ioff] += in - pos;                                \
                 }                                                                         \
-                own[(int64_t)last + ioff] += in - pos;                                    \
             }                                                                             \
-            if (own) {                                                                    \
+            if (own && hint) {                                                            \
                 _Pragma("omp critical(cockpit_counts)")                                   \
                 for (int64_t j = 0; j < size; j++) counts[j] += own[j];                   \
             }                                                                             \
-            fail |= !own;                                                                 \
+            fail |= !own || !hint;                                                        \
             free(own);                                                                    \
+            free(hint);                                                                   \
         }                                                                                 \
         return fail;                                                                      \
     }
