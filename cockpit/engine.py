@@ -711,8 +711,6 @@ class Engine:
             self._suspended = False
         for local, factor in factors.items():
             name = self._names[use.hooked.params[local]]
-            if batch_grads and local in batch_grads and self._generation.param_uses[name] == 1:
-                armed.batch_grads[name] = batch_grads[local]
             if factor.n != armed.n:
                 raise ValueError(
                     f"module {use.hooked.name!r} ({type(use.module).__name__}): per-sample "
@@ -722,16 +720,17 @@ class Engine:
             pending = armed.pending[name]
             pending.append(factor)
             if len(pending) >= self._generation.param_uses.get(name, 1):
-                self._finalize(name)
+                # a node's gradient is ḡ only when this is the parameter's one use
+                single = batch_grads and self._generation.param_uses[name] == 1
+                self._finalize(name, batch_grads.get(local) if single else None)
 
-    def _finalize(self, name: str) -> None:
+    def _finalize(self, name: str, batch_grad: Tensor | None = None) -> None:
         armed = self._armed
         assert armed is not None
         factors = armed.pending.pop(name)
         factor: Factor = combine(factors)
         param = self._param_by_name(name)
         directions = {k: v.get(name) for k, v in armed.directions.items()}
-        batch_grad = armed.batch_grads.pop(name, None)
         if batch_grad is not None:  # ḡ = (1/N) Σ_n g_n with g_n scaled like the factors
             directions[MEAN_GRADIENT] = batch_grad.detach() * (armed.scale / armed.n)
         with torch.no_grad():
@@ -1019,8 +1018,6 @@ class _Armed:
     finished: bool = False
     curvature: CurvaturePass | None = None
     keep_factors: bool = False
-    # batch gradients of single-use parameters, read off their layers' autograd nodes
-    batch_grads: dict[str, Tensor] = field(default_factory=dict)
 
     @cached_property
     def wants_batch_grads(self) -> bool:
