@@ -196,8 +196,8 @@ BINS(double)
  * monotone), so each run of one bin ends where a search finds the bin change, and every
  * probe of the search evaluates the exact binning. Equal to binning every entry, at the
  * cost of a few probes per distinct bin of a row instead of one binning per entry.
- * Rows r of one sample share s[r]; taken in ascending order of b (the caller sorts each
- * row of b: the counts do not depend on the order of o), a run ends near where it ended
+ * Rows r of one sample share s[r]; taken in ascending order of b (cockpit.factors sorts
+ * each row of b; any order gives the same counts, only slower), a run ends near where it ended
  * in the previous row of the same sign, so each search gallops out from that position
  * (a hint only: the probes alone decide). counts has size = bins + 1 entries (the last,
  * NaN, stays 0). */

@@ -462,7 +462,9 @@ def _outer_hist1d(a: Tensor, b: Tensor, q: Hist1D) -> Tensor:
         Float64 counts ``[B]``.
     """
     if NATIVE and native.available(a, b):
-        counts = native.outer1d(_sorted_rows(a), b, q.range[0], q.range[1], q.bins)
+        # b's rows sorted too: the counts do not depend on their order, and the kernel's
+        # searches start where the previous row's runs ended
+        counts = native.outer1d(_sorted_rows(a), _sorted_rows(b), q.range[0], q.range[1], q.bins)
         return counts[: q.bins].to(torch.float64)
     count = _outer_hist1d_sparse if a.device.type == "cpu" else _outer_hist1d_all_edges
     return count(a, b, q)

@@ -31,7 +31,6 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -304,9 +303,11 @@ def outer1d(sorted_a: Tensor, b: Tensor, low: float, high: float, bins: int) -> 
     ``sorted_a`` ``[R, I]`` (each row ascending), ``b`` ``[R, O]``, both finite. The
     bins of row ``(r, o)``'s entries are monotone along the sorted ``a[r]`` (each
     step of the binning is monotone, rounding included), so each run of one bin is
-    found by a binary search that bins its probes exactly as :func:`count1d` bins an
-    entry: the same counts as building and binning the ``R·O·I`` entries, at the cost
-    of a few searches per row.
+    found by a search that bins its probes exactly as :func:`count1d` bins an entry:
+    the same counts as building and binning the ``R·O·I`` entries, at the cost of a
+    few searches per row. The order of ``b``'s rows does not change the counts; sorted
+    ascending (as :func:`cockpit.factors._outer_hist1d` passes them), consecutive rows
+    end their bin runs near each other, and each search starts from there.
 
     Example:
         >>> import torch
@@ -319,9 +320,6 @@ def outer1d(sorted_a: Tensor, b: Tensor, low: float, high: float, bins: int) -> 
     a, b = sorted_a.detach().contiguous(), b.detach().to(sorted_a.dtype).contiguous()
     if a.shape[0] != b.shape[0] or not all_finite((a, b)):
         raise ValueError("cockpit.native.outer1d: needs finite a [R, I] and b [R, O]")
-    # the counts do not depend on the order of a row's b; ascending, consecutive rows of a
-    # sample end their bin runs near each other, where the kernel's searches start
-    b = torch.from_numpy(np.sort(b.numpy(), axis=1))
     rows, i_ = a.shape
     o_ = b.shape[1]
     call = partial(fn, a.data_ptr(), b.data_ptr(), rows, i_, o_, *_grid(low, high, bins), bins + 1)
