@@ -1,7 +1,7 @@
 """Which per-device engine settings are fastest: one process, variants interleaved.
 
 The engine's chunking and its choice of kernel for per-sample convolution gradients
-were tuned on the CPU (``factors.CHUNK_ELEMENTS``: 16 MiB blocks, below glibc's
+were tuned on the CPU (``factors.CHUNK_ELEMENTS``: 8 MiB blocks, below glibc's
 ``mmap`` threshold; ``conv.GROUPED_MIN_POSITIONS``; the grouped weight-gradient kernel
 also for few-channel input layers). This probe times workload B with each variant of
 those settings against a plain step in the same process, so a device's defaults can be
@@ -66,6 +66,8 @@ VARIANTS: dict[str, dict[tuple[object, str], object]] = {
         (_factors, "CHUNK_ELEMENTS"): 1 << 26,
     },
     "grouped_min_64": {(_conv, "GROUPED_MIN_POSITIONS"): 64},
+    "chunks_4mib": {(_factors, "CHUNK_ELEMENTS"): 1 << 20},
+    "chunks_8mib": {(_factors, "CHUNK_ELEMENTS"): 1 << 21},
     # alpha's start projections from the kept (x, g) of every layer (one convolution per
     # layer after the update), never from per-sample gradients built for other requests
     "factors_only": {(_factors.AffineFactor, "reduce_and_keep"): _factors.Factor.reduce_and_keep},
@@ -183,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         t_plain = block(plain, 5, args.device)
         k = max(3, int(0.1 / t_plain))
         for config in args.configs.split(","):
-            for name in args.variants.split(","):
+            # a variant may be listed twice (ABAB orders): each run logs to its own dir
+            for i, name in enumerate(args.variants.split(",")):
                 with variant(name):
                     step = steps(
-                        args.workload, args.device, config, f"{tmp}/{config}-{name}", opened
+                        args.workload, args.device, config, f"{tmp}/{config}-{name}-{i}", opened
                     )
                     for _ in range(2):
                         step()
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                     ratios.append(tc / tp)
                     ms.append((tp * 1e3, tc * 1e3))
                 med = statistics.median(ratios)
-                results.setdefault(config, {})[name] = {
+                runs = results.setdefault(config, {})
+                runs[name if name not in runs else f"{name} ({i})"] = {
                     "ratio_median": med,
                     "ratios": ratios,
                     "ms": ms,

@@ -80,9 +80,17 @@ __all__ = [
 MEAN_GRADIENT = "__mean_gradient__"
 #: Elements per chunk when individual gradients are built (chunks of samples, or of
 #: parameter rows when the Gram matrix, or ⟨g_n, ḡ⟩ without ḡ, is requested).
-#: 16 MiB in float32: larger blocks come from ``mmap`` on glibc and are page-faulted
-#: afresh at every step (measured: 0.21 ms/MiB against 0.05 below 32 MiB).
-CHUNK_ELEMENTS = 1 << 22
+#: 8 MiB in float32. glibc serves blocks above its ``mmap`` threshold from ``mmap``, and
+#: they are page-faulted afresh at every step (0.21 ms/MiB against 0.05 below it); the
+#: threshold rises to the largest block the process has freed, at most 32 MiB, so it
+#: is about the size of the model's largest activation: 12.6 MB on All-CNN-C at
+#: N = 32, where 16 MiB chunks of its 192→192 layers (14.6 MB) were faulted in every
+#: step (25.7 ms at 8 samples a chunk against 39.7 ms at 11, with a plain step between
+#: repetitions). Measured with ``python -m benchmarks.knob_probe --device cpu
+#: --workload C --variants default,chunks_8mib,default,chunks_8mib``: batch L2
+#: 1.54x/1.54x → 1.53x/1.44x, 1D histogram 1.70x/1.67x → 1.65x/1.63x, economy
+#: 1.76x → 1.73x; on 3C3D (B) no change beyond the noise.
+CHUNK_ELEMENTS = 1 << 21
 #: The same bound off the CPU (CUDA): a caching allocator reuses its blocks without page
 #: faults, and every chunk costs host time for its kernel launches. Workload B on an
 #: H100 with 256 MiB chunks instead of 16 MiB (and the convolutions unfolded, see
