@@ -8,7 +8,8 @@
  *     bin = (NaN ? nan_bin : s + ioff)
  *
  * and counts the block's bins into WAYS sub-histograms, so that runs of the same bin
- * (gradient entries crowd around zero) do not wait on each other's increments. One
+ * (gradient entries crowd around zero) do not wait on each other's increments; the 1D
+ * kernel counts runs of values within a few bins by vectorized compares instead. One
  * pass over the values, no index array in memory: the torch path needs five
  * elementwise passes and a bincount. Each kernel splits its work over `threads`
  * OpenMP threads (built with -fopenmp, these are torch's own libgomp workers): every
@@ -38,6 +39,39 @@ static void count_block(const int32_t *idx, int64_t n, uint32_t *sub, int64_t si
     for (; i < n; i++) sub[idx[i]]++;
 }
 
+/* Gradient entries crowd into a few bins around zero (nearly all of a conv layer's
+ * entries fall into the middle bins of the default 1D histogram, 100 bins on [-2, 2]).
+ * A run of BAND_RUN values whose bins span fewer than BAND values is counted with one
+ * compare-and-add pass per bin, which vectorizes (16 int32 lanes), instead of one
+ * dependent increment per value; other runs are counted as before. The conv entries
+ * of 3C3D (22 M) 13.5 → 7.6 ms, of All-CNN-C (44 M) 29.5 → 14.4 ms, two threads. */
+#define BAND 4
+#define BAND_RUN 256
+
+static void count_block_banded(const int32_t *idx, int64_t n, uint32_t *sub, int64_t size) {
+    for (int64_t s = 0; s < n; s += BAND_RUN) {
+        const int32_t *run = idx + s;
+        const int64_t m = n - s < BAND_RUN ? n - s : BAND_RUN;
+        int32_t lo = run[0], hi = run[0];
+        for (int64_t i = 1; i < m; i++) {
+            lo = run[i] < lo ? run[i] : lo;
+            hi = run[i] > hi ? run[i] : hi;
+        }
+        if (hi - lo >= BAND) {
+            count_block(run, m, sub, size);
+            continue;
+        }
+        uint32_t rest = (uint32_t)m; /* the last bin gets what the others did not */
+        for (int32_t b = lo; b < hi; b++) {
+            uint32_t c = 0;
+            for (int64_t i = 0; i < m; i++) c += run[i] == b;
+            sub[b] += c;
+            rest -= c;
+        }
+        sub[hi] += rest;
+    }
+}
+
 static void flush(uint32_t *sub, int64_t size, int64_t *counts) {
     _Pragma("omp critical(cockpit_counts)")
     for (int64_t w = 0; w < WAYS; w++)
@@ -62,8 +96,11 @@ static int counter_open(counter_t *c, int64_t size, int64_t *counts) {
     return c->sub == NULL;
 }
 
-static void counter_add(counter_t *c, const int32_t *idx, int64_t n) {
-    count_block(idx, n, c->sub, c->size);
+static void counter_add(counter_t *c, const int32_t *idx, int64_t n, int banded) {
+    if (banded)
+        count_block_banded(idx, n, c->sub, c->size);
+    else
+        count_block(idx, n, c->sub, c->size);
     if ((c->since += n) >= FLUSH) {
         flush(c->sub, c->size, c->counts);
         c->since = 0;
@@ -125,7 +162,7 @@ BINS(double)
                 const int64_t m = n - start < BLOCK ? n - start : BLOCK;                  \
                 if (!cnt.sub) continue;                                                   \
                 bins_##T(x + start, m, (T)k, (T)frac, (T)lo, (T)hi, ioff, size - 1, buf);   \
-                counter_add(&cnt, buf, m);                                                \
+                counter_add(&cnt, buf, m, 1);                                             \
             }                                                                             \
             fail |= counter_close(&cnt);                                                  \
         }                                                                                 \
@@ -154,7 +191,7 @@ BINS(double)
                 if (!cnt.sub) continue;                                                   \
                 bins2_##T(g + r * stride + c, m, (T)k, (T)frac, (T)lo, (T)hi, ioff,       \
                           nan_bin, bp, pbin + c, buf);                                    \
-                counter_add(&cnt, buf, m);                                                \
+                counter_add(&cnt, buf, m, 0);                                             \
             }                                                                             \
             fail |= counter_close(&cnt);                                                  \
         }                                                                                 \
@@ -183,7 +220,7 @@ BINS(double)
                     scaled_##T(a + r * in + i, m, b[r * out + o], prod);                  \
                     bins2_##T(prod, m, (T)k, (T)frac, (T)lo, (T)hi, ioff, nan_bin, bp,    \
                               pbin + o * in + i, buf);                                    \
-                    counter_add(&cnt, buf, m);                                            \
+                    counter_add(&cnt, buf, m, 0);                                         \
                 }                                                                         \
             }                                                                             \
             fail |= counter_close(&cnt);                                                  \

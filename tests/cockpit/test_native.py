@@ -95,6 +95,51 @@ def test_1d_counts_equal_the_torch_path(dtype, low, high, bins, n, two_threads, 
     assert got.sum() == x.numel() - int(x.isnan().sum())
 
 
+def crowded_values(low: float, high: float, bins: int, dtype: torch.dtype) -> torch.Tensor:
+    """Runs of values in 1 to 5 adjacent bins (as gradient entries crowd around zero).
+
+    Each run takes the lower edge, the value above it, the middle and the value below
+    the upper edge of its bins, in random order, some runs with a NaN, an infinity or
+    an outlier among them; runs of random lengths, so some fill a whole run of the
+    kernel's band counting (256 values) and others straddle two.
+    """
+    g = torch.Generator().manual_seed(bins + 1)
+    edges = bin_edges_of(low, high, bins, dtype=dtype)
+    inf = torch.full_like(edges, torch.inf)
+    inside = torch.stack(
+        [
+            edges[:-1],
+            torch.nextafter(edges[:-1], inf[:-1]),
+            (edges[:-1] + edges[1:]) / 2,
+            torch.nextafter(edges[1:], -inf[1:]),
+        ]
+    )  # [4, bins]: values of bin k in column k
+    runs = []
+    for _ in range(400):
+        width = int(torch.randint(1, 6, (), generator=g))  # bins spanned: 1 … 5
+        first = int(torch.randint(0, max(1, bins - width + 1), (), generator=g))
+        cols = inside[:, first : first + width].reshape(-1)
+        length = int(torch.randint(100, 700, (), generator=g))
+        run = cols[torch.randint(0, cols.numel(), (length,), generator=g)]
+        kind = int(torch.randint(0, 8, (), generator=g))
+        if kind < 3:  # a stray value: NaN, an infinity, an outlier
+            odd = [float("nan"), float("inf"), high + (high - low)][kind]
+            run[int(torch.randint(0, length, (), generator=g))] = odd
+        runs.append(run)
+    return torch.cat(runs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("low,high,bins", RANGES)
+def test_1d_counts_of_crowded_runs_equal_the_torch_path(dtype, low, high, bins, two_threads):
+    """Runs within fewer than four bins are counted by compares: the counts stay equal."""
+    x = crowded_values(low, high, bins, dtype)
+    got = native.count1d(x, low, high, bins)[:bins].double()
+    expected = torch_path(factors.uniform_counts, x.clone(), low, high, bins)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.sum() == x.numel() - int(x.isnan().sum())
+
+
 def test_1d_counts_of_a_strided_view_and_of_nothing():
     x = hard_values(-2.0, 2.0, 100, 3000, torch.float32)[:3000].reshape(-1, 3).T  # strided
     torch.testing.assert_close(
