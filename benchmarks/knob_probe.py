@@ -68,6 +68,9 @@ VARIANTS: dict[str, dict[tuple[object, str], object]] = {
     "grouped_min_64": {(_conv, "GROUPED_MIN_POSITIONS"): 64},
     "chunks_4mib": {(_factors, "CHUNK_ELEMENTS"): 1 << 20},
     "chunks_8mib": {(_factors, "CHUNK_ELEMENTS"): 1 << 21},
+    "chunks_16mib": {(_factors, "CHUNK_ELEMENTS"): 1 << 22},
+    "row_chunks_8mib": {(_factors, "ROW_CHUNK_ELEMENTS"): 1 << 21},
+    "row_chunks_32mib": {(_factors, "ROW_CHUNK_ELEMENTS"): 1 << 23},
     # alpha's start projections from the kept (x, g) of every layer (one convolution per
     # layer after the update), never from per-sample gradients built for other requests
     "factors_only": {(_factors.AffineFactor, "reduce_and_keep"): _factors.Factor.reduce_and_keep},

@@ -98,6 +98,16 @@ CHUNK_ELEMENTS = 1 << 21
 #: benchmarks.knob_probe``): second moment 1.96x a plain step against 3.71x, 2D
 #: histogram 7.20x against 10.95x, Monte-Carlo GGN 2.44x against 3.66x.
 DEVICE_CHUNK_ELEMENTS = 1 << 26
+#: The CPU's bound when the Gram matrix (or ⟨g_n, ḡ⟩ without ḡ) pairs all samples, so
+#: that per-sample gradients come in chunks of parameter rows for all samples: fewer,
+#: larger pieces are faster there than :data:`CHUNK_ELEMENTS`'s (the grouped kernel in
+#: row chunks runs 1.7–2x slower per element than in sample chunks). On 3C3D, all
+#: first-order quantities together measured 2.65x/2.59x a plain step with 8 MiB row
+#: chunks against 2.39x/2.43x with 16 MiB (``python -m benchmarks.knob_probe --device
+#: cpu --workload B --configs first_order_all --variants
+#: default,chunks_16mib,default,chunks_16mib``), while the 2D histogram (sample chunks)
+#: measured 1.82x/1.83x against 1.98x/1.94x.
+ROW_CHUNK_ELEMENTS = 1 << 22
 #: 1D histograms of affine layers without shared positions (S = 1) count the entries
 #: of the outer products ``b_n a_nᵀ`` by sorting ``a_n`` instead of building them (see
 #: :func:`_outer_hist1d`); ``False`` forces the materialized path (benchmarks, tests).
@@ -878,14 +888,16 @@ class AffineFactor(Factor):
     ) -> dict[Quantity, Tensor]:
         numel = self.shape.numel()
         limit = chunk_elements(self.b.device)
-        if self.n * numel <= limit:
-            return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
-        rows = self.shape[0]
         needs_all_samples = any(
             isinstance(q, BatchDot)
             or (isinstance(q, GradDot) and directions.get(MEAN_GRADIENT) is None)
             for q in requests
         )
+        if needs_all_samples and self.b.device.type == "cpu":
+            limit = max(limit, ROW_CHUNK_ELEMENTS)
+        if self.n * numel <= limit:
+            return DenseFactor(self.to_dense(), owned=True).reduce(requests, param, directions)
+        rows = self.shape[0]
         if needs_all_samples and self.groups == 1 and rows > 1:
             # the Gram matrix and ⟨g_n, ḡ⟩ pair every sample with every other: chunks
             # of output rows for all samples, over which every quantity adds up (or

@@ -386,6 +386,7 @@ def test_grad_dot_reads_the_batch_gradient_off_the_convolution_node(reduction, m
     loss_fn = nn.CrossEntropyLoss(reduction=reduction)
     x, y = torch.randn(6, 3, 5, 5), torch.randint(0, 2, (6,))
     monkeypatch.setattr(factors, "CHUNK_ELEMENTS", 2 * 4 * 27)  # 2 samples of `once`
+    monkeypatch.setattr(factors, "ROW_CHUNK_ELEMENTS", 2 * 4 * 27)
     rows, means = [], {}
     real_rows, real_materialized = AffineFactor.to_dense_rows, AffineFactor._materialized
 

@@ -214,6 +214,7 @@ def test_chunked_materialization_equals_the_explicit_quantities(kind, pairs, mon
     small = 40  # elements per chunk: one parameter row (or one sample) at a time
     assert n * shape.numel() > small
     monkeypatch.setattr(factors, "CHUNK_ELEMENTS", small)
+    monkeypatch.setattr(factors, "ROW_CHUNK_ELEMENTS", small)
     calls = []
     rows, samples = factor.to_dense_rows, factor.to_dense
     monkeypatch.setattr(factor, "to_dense_rows", lambda *a: calls.append("rows") or rows(*a))
@@ -229,6 +230,33 @@ def test_chunked_materialization_equals_the_explicit_quantities(kind, pairs, mon
     for q in requests:
         tol = 0 if isinstance(q, (Hist1D, Hist2D)) else 1e-12
         torch.testing.assert_close(got[q], expected[q], rtol=tol, atol=tol, msg=f"{q}")
+
+
+@pytest.mark.parametrize("kind", ["affine_seq", "conv_unfold", "conv_grouped"])
+def test_pairing_quantities_are_bounded_by_the_row_chunk_size(kind, monkeypatch):
+    """The Gram matrix builds per-sample gradients under ROW_CHUNK_ELEMENTS on the CPU
+    (in one piece when the layer fits), other quantities under CHUNK_ELEMENTS."""
+    from cockpit.quantities import BatchDot, BatchL2, SecondMoment
+
+    factor = _chunk_case(kind)
+    dense = factor.to_dense()
+    n, numel = dense.shape[0], dense[0].numel()
+    calls = []
+    rows, samples = factor.to_dense_rows, factor.to_dense
+    monkeypatch.setattr(factor, "to_dense_rows", lambda *a: calls.append("rows") or rows(*a))
+    monkeypatch.setattr(factor, "to_dense", lambda *a: calls.append("samples") or samples(*a))
+    monkeypatch.setattr(factors, "CHUNK_ELEMENTS", numel)  # one sample a chunk
+    monkeypatch.setattr(factors, "ROW_CHUNK_ELEMENTS", n * numel)  # the whole layer
+    gram = factor._materialized([BatchDot(), BatchL2()], torch.zeros(dense.shape[1:]), {})
+    assert calls == ["samples"]  # one piece: no row chunks
+    torch.testing.assert_close(gram[BatchDot()], dense.reshape(n, -1) @ dense.reshape(n, -1).T)
+    calls.clear()
+    factor._materialized([SecondMoment()], torch.zeros(dense.shape[1:]), {})
+    assert calls == ["samples"] * n  # sample chunks under CHUNK_ELEMENTS
+    calls.clear()
+    monkeypatch.setattr(factors, "ROW_CHUNK_ELEMENTS", n * numel - 1)
+    factor._materialized([BatchDot()], torch.zeros(dense.shape[1:]), {})
+    assert calls and set(calls) == {"rows"}
 
 
 @pytest.mark.parametrize("kind", ["affine_seq", "conv_unfold", "conv_grouped", "conv_groups2"])
