@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.harness import Options, _context, plain_step
 from benchmarks.workloads import WORKLOADS
 from cockpit import factors as _factors
 from cockpit.layers.conv import ConvFactor, _conv_padding
@@ -135,16 +136,9 @@ def measure(workload: str, reps: int) -> dict:
     """Per-layer kernel times and the plain step of ``workload``, in milliseconds."""
     wl = WORKLOADS[workload]
     torch.manual_seed(0)
-    model = wl.model()
-    x, y = wl.data(wl.n)
-    loss_fn = wl.loss_fn()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def plain() -> None:
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
-
+    ctx = _context(wl, wl.model(), Options())
+    plain = plain_step(ctx)
+    model = ctx.model
     for _ in range(3):
         plain()
     captured = _capture(model, plain)
@@ -158,7 +152,7 @@ def measure(workload: str, reps: int) -> dict:
             rows.append(_conv_row(layer, inp, g, plain, reps))
     return {
         "workload": workload,
-        "n": wl.n,
+        "n": ctx.n,
         "plain_ms": t_plain,
         "layers": rows,
         "dense": dense_rows,

@@ -79,9 +79,10 @@ __all__ = [
 #: parameter rows). The engine reads ḡ off the layer's autograd node.
 MEAN_GRADIENT = "__mean_gradient__"
 #: Elements per chunk when individual gradients are built (chunks of samples, or of
-#: parameter rows when the Gram matrix, or ⟨g_n, ḡ⟩ without ḡ, is requested).
-#: 8 MiB in float32. glibc serves blocks above its ``mmap`` threshold from ``mmap``, and
-#: they are page-faulted afresh at every step (0.21 ms/MiB against 0.05 below it); the
+#: parameter rows when the Gram matrix, or ⟨g_n, ḡ⟩ without ḡ, is requested: on the
+#: CPU those are bounded by :data:`ROW_CHUNK_ELEMENTS`). 8 MiB in float32. glibc
+#: serves blocks above its ``mmap`` threshold from ``mmap``, and they are
+#: page-faulted afresh at every step (0.21 ms/MiB against 0.05 below it); the
 #: threshold rises to the largest block the process has freed, at most 32 MiB, so it
 #: is about the size of the model's largest activation: 12.6 MB on All-CNN-C at
 #: N = 32, where 16 MiB chunks of its 192→192 layers (14.6 MB) were faulted in every
