@@ -201,21 +201,45 @@ BINS(double)
 
 /* 2D counts of the outer products b[r, o] * a[r, i] (one parameter group: entry
  * o * in + i, parameter bin pbin[o * in + i]) without building them; a is
- * [rows, in], b [rows, out], both contiguous. Otherwise as cockpit_count2d. */
+ * [rows, in], b [rows, out], both contiguous. Otherwise as cockpit_count2d.
+ * A row (r, o) with b[r, o] = ±0 and a[r] finite holds only ±0 entries, which bin like
+ * 0: such rows (half of them behind a ReLU) are only counted per o, and each adds
+ * (bin of 0, pbin[o, i]) for every i at the end, O(in) per o instead of per row. */
 #define OUTER2D(T)                                                                        \
     int cockpit_outer2d_##T(const T *a, const T *b, int64_t rows, int64_t in,             \
                             int64_t out, const int32_t *pbin, double k, double frac,      \
                             double lo, double hi, int64_t ioff, int64_t nan_bin,          \
                             int64_t bp, int64_t *counts, int threads) {                   \
         int fail = 0;                                                                     \
+        char *finite = malloc(rows > 0 ? (size_t)rows : 1);                               \
+        int64_t *zeros = calloc(out > 0 ? (size_t)out : 1, sizeof(int64_t));              \
+        if (!finite || !zeros) {                                                          \
+            free(finite);                                                                 \
+            free(zeros);                                                                  \
+            return 1;                                                                     \
+        }                                                                                 \
+        const T nan_s = (T)(nan_bin - ioff);                                              \
+        const int64_t zero_row = ((int64_t)bin_##T((T)0, (T)k, (T)frac, (T)lo, (T)hi, nan_s) \
+                                  + ioff) * bp;                                           \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                 \
+        for (int64_t r = 0; r < rows; r++) {                                              \
+            int ok = 1;                                                                   \
+            for (int64_t i = 0; i < in; i++) ok &= isfinite(a[r * in + i]) != 0;          \
+            finite[r] = (char)ok;                                                         \
+        }                                                                                 \
         _Pragma("omp parallel num_threads(threads) reduction(|:fail)") {                  \
             counter_t cnt;                                                                \
             int32_t buf[BLOCK];                                                           \
             T prod[BLOCK];                                                                \
+            int64_t *own = calloc(out > 0 ? (size_t)out : 1, sizeof(int64_t));           \
             counter_open(&cnt, (nan_bin + 1) * bp, counts);                               \
             _Pragma("omp for schedule(static)")                                           \
             for (int64_t task = 0; task < rows * out; task++) {                           \
                 const int64_t r = task / out, o = task % out;                             \
+                if (own && finite[r] && b[r * out + o] == 0) {                            \
+                    own[o]++;                                                             \
+                    continue;                                                             \
+                }                                                                         \
                 for (int64_t i = 0; cnt.sub && i < in; i += BLOCK) {                      \
                     const int64_t m = in - i < BLOCK ? in - i : BLOCK;                    \
                     scaled_##T(a + r * in + i, m, b[r * out + o], prod);                  \
@@ -224,8 +248,18 @@ BINS(double)
                     counter_add(&cnt, buf, m, 0);                                         \
                 }                                                                         \
             }                                                                             \
+            if (own) {                                                                    \
+                _Pragma("omp critical(cockpit_counts)")                                   \
+                for (int64_t o = 0; o < out; o++) zeros[o] += own[o];                     \
+            }                                                                             \
+            free(own);                                                                    \
             fail |= counter_close(&cnt);                                                  \
         }                                                                                 \
+        for (int64_t o = 0; o < out; o++)                                                 \
+            if (zeros[o])                                                                 \
+                for (int64_t i = 0; i < in; i++) counts[zero_row + pbin[o * in + i]] += zeros[o]; \
+        free(finite);                                                                     \
+        free(zeros);                                                                      \
         return fail;                                                                      \
     }
 

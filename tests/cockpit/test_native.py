@@ -206,6 +206,32 @@ def test_outer_2d_counts_equal_the_materialized_entries(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_outer_2d_rows_with_a_zero_output_gradient_are_counted_once_per_row(
+    dtype, groups, two_threads
+):
+    """Rows with b = ±0 (a ReLU after the layer) hold only zeros, counted per output row;
+    where a sample's a holds inf or NaN, 0 · inf = NaN is not counted: no shortcut."""
+    torch.manual_seed(7)
+    n, o, i = 64, 5, 700
+    a = torch.randn(n, groups, 1, i, dtype=dtype)
+    b = torch.randn(n, groups, 1, o, dtype=dtype) * 0.05
+    b[torch.rand(n, groups, 1, o) < 0.5] = 0.0
+    b[::7, :, :, 1] = -0.0
+    b[:, :, :, 2] = 0.0  # a whole output row of zeros
+    a[3, 0, 0, 10], a[5, -1, 0, 20] = float("inf"), float("nan")  # with b = 0 rows too
+    b[3, 0, 0, :], b[5, -1, 0, :2] = 0.0, 0.0
+    q = Hist2D(bins=(30, 7), range=((-0.1, 0.1), (-1.0, 1.0)))
+    param = torch.randn(groups * o, i, dtype=dtype) * 0.7
+    param[1, :5] = float("nan")
+    got = AffineFactor(a, b, (groups * o, i)).reduce([q], param, {})[q]
+    dense = AffineFactor(a, b, (groups * o, i)).to_dense()
+    expected = torch_path(factors._hist2d, dense.reshape(n, -1), param.reshape(1, -1), q)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.sum() == dense.numel() - int(dense.isnan().sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("low,high,bins", RANGES)
 def test_outer_1d_counts_equal_the_materialized_entries(
     dtype, low, high, bins, two_threads, monkeypatch
